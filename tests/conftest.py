@@ -1,0 +1,158 @@
+"""Offline fixtures: a tiny CLIP BPE vocabulary and tiny random PyTorch models saved in the diffusers layout.
+
+Every parameter of the reference models, norms and biases included, is perturbed away from its default
+initialisation so that a parity test notices a missing bias or a norm applied with the wrong parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# Words the tiny vocabulary knows whole (others fall back to single characters).
+VOCAB_WORDS = ("a", "photo", "of", "the", "cat", "dog", "make", "turn", "it", "into", "blue", "red", "green",
+               "sky", "circle", "square", "add", "hat", "remove", "and", "with")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable-unicode table (GPT-2's)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def write_clip_vocab(folder: Path, words=VOCAB_WORDS) -> Path:
+    """Writes ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` of a tiny CLIP BPE tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[str] = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merge = f"{pieces[0]} {pieces[1]}"
+            if merge not in merges:
+                merges.append(merge)
+                vocab_list.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def perturb_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Moves every parameter away from its initial value, so that norms and biases are not 1 and 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+TINY_UNETS = {
+    # SD 1.x-like: conv projections, one head count for all blocks, 8 input channels (IP2P).
+    "sd1": dict(
+        in_channels=8, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8, sample_size=16,
+    ),
+    # SD 2.x-like: linear projections, per-block head counts, upcast attention, 2 transformer layers in a block.
+    "sd2": dict(
+        in_channels=8, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4, 8), use_linear_projection=True, upcast_attention=True,
+        transformer_layers_per_block=(1, 2, 1), norm_num_groups=8, sample_size=16,
+    ),
+    # Plain Stable Diffusion: 4 input channels, the other time-embedding convention, no cross-attention at the top.
+    "sd_4ch": dict(
+        in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=2, norm_num_groups=8, flip_sin_to_cos=False, freq_shift=1,
+        sample_size=16,
+    ),
+}
+
+TINY_TEXT_ENCODERS = {
+    "sd1": dict(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                hidden_act="quick_gelu"),
+    "sd2": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu",
+                layer_norm_eps=1e-5),
+}
+
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+    norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    sample_size=32,
+)
+
+
+def make_unet(name: str, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return perturb_(UNet2DConditionModel(**TINY_UNETS[name]), seed)
+
+
+def make_text_encoder(name: str, vocab_size: int, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, eos_token_id=vocab_size - 1,
+                            bos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1, **TINY_TEXT_ENCODERS[name])
+    return perturb_(CLIPTextModel(config), seed)
+
+
+def make_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return perturb_(AutoencoderKL(**TINY_VAE), seed)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return write_clip_vocab(tmp_path_factory.mktemp("vocab") / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def vocab_size(tokenizer_dir) -> int:
+    return len(json.loads((tokenizer_dir / "vocab.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory, tokenizer_dir, vocab_size) -> Path:
+    """A diffusers-layout folder of a tiny random IP2P model (SD 1.x-like UNet with 8 input channels)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("tiny-ip2p")
+    make_unet("sd1").save_pretrained(root / "unet")
+    make_vae().save_pretrained(root / "vae")
+    make_text_encoder("sd1", vocab_size).save_pretrained(root / "text_encoder")
+    shutil.copytree(tokenizer_dir, root / "tokenizer")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionInstructPix2PixPipeline"}))
+    return root
+
+
+def max_relative_error(ours, reference) -> float:
+    """``max |ours - reference| / max |reference|``, the parity figure used throughout."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    assert ours.shape == reference.shape, (ours.shape, reference.shape)
+    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
