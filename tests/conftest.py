@@ -14,8 +14,29 @@ import pytest
 import torch
 
 # Words the tiny vocabulary knows whole (others fall back to single characters).
-VOCAB_WORDS = ("a", "photo", "of", "the", "cat", "dog", "make", "turn", "it", "into", "blue", "red", "green",
-               "sky", "circle", "square", "add", "hat", "remove", "and", "with")
+VOCAB_WORDS = (
+    "a",
+    "photo",
+    "of",
+    "the",
+    "cat",
+    "dog",
+    "make",
+    "turn",
+    "it",
+    "into",
+    "blue",
+    "red",
+    "green",
+    "sky",
+    "circle",
+    "square",
+    "add",
+    "hat",
+    "remove",
+    "and",
+    "with",
+)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -50,8 +71,14 @@ def write_clip_vocab(folder: Path, words=VOCAB_WORDS) -> Path:
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    config = {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}
+    config = {
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "CLIPTokenizer",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 
@@ -65,41 +92,89 @@ def perturb_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
+# The released timbrooks/instruct-pix2pix scheduler/scheduler_config.json.
+IP2P_SCHEDULER_CONFIG = {
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "_diffusers_version": "0.12.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
 TINY_UNETS = {
     # SD 1.x-like: conv projections, one head count for all blocks, 8 input channels (IP2P).
     "sd1": dict(
-        in_channels=8, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        in_channels=8,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8, sample_size=16,
+        cross_attention_dim=24,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        sample_size=16,
     ),
     # SD 2.x-like: linear projections, per-block head counts, upcast attention, 2 transformer layers in a block.
     "sd2": dict(
-        in_channels=8, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=2,
+        in_channels=8,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=(2, 4, 8), use_linear_projection=True, upcast_attention=True,
-        transformer_layers_per_block=(1, 2, 1), norm_num_groups=8, sample_size=16,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        upcast_attention=True,
+        transformer_layers_per_block=(1, 2, 1),
+        norm_num_groups=8,
+        sample_size=16,
     ),
     # Plain Stable Diffusion: 4 input channels, the other time-embedding convention, no cross-attention at the top.
     "sd_4ch": dict(
-        in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=24, attention_head_dim=2, norm_num_groups=8, flip_sin_to_cos=False, freq_shift=1,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=2,
+        norm_num_groups=8,
+        flip_sin_to_cos=False,
+        freq_shift=1,
         sample_size=16,
     ),
 }
 
 TINY_TEXT_ENCODERS = {
-    "sd1": dict(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                hidden_act="quick_gelu"),
-    "sd2": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu",
-                layer_norm_eps=1e-5),
+    "sd1": dict(
+        hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu"
+    ),
+    "sd2": dict(
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    ),
 }
 
 TINY_VAE = dict(
-    in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
-    norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
     sample_size=32,
 )
 
@@ -115,8 +190,14 @@ def make_text_encoder(name: str, vocab_size: int, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, eos_token_id=vocab_size - 1,
-                            bos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1, **TINY_TEXT_ENCODERS[name])
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        eos_token_id=vocab_size - 1,
+        bos_token_id=vocab_size - 2,
+        pad_token_id=vocab_size - 1,
+        **TINY_TEXT_ENCODERS[name],
+    )
     return perturb_(CLIPTextModel(config), seed)
 
 
@@ -142,11 +223,14 @@ def pipeline_dir(tmp_path_factory, tokenizer_dir, vocab_size) -> Path:
     """A diffusers-layout folder of a tiny random IP2P model (SD 1.x-like UNet with 8 input channels)."""
     import shutil
 
+    from diffusers import EulerAncestralDiscreteScheduler
+
     root = tmp_path_factory.mktemp("tiny-ip2p")
     make_unet("sd1").save_pretrained(root / "unet")
     make_vae().save_pretrained(root / "vae")
     make_text_encoder("sd1", vocab_size).save_pretrained(root / "text_encoder")
     shutil.copytree(tokenizer_dir, root / "tokenizer")
+    EulerAncestralDiscreteScheduler.from_config(IP2P_SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionInstructPix2PixPipeline"}))
     return root
 

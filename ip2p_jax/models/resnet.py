@@ -21,19 +21,68 @@ def group_norm(groups: int, eps: float, dtype: Any, name: str) -> nn.GroupNorm:
     )
 
 
-def conv(features: int, kernel: int, dtype: Any, name: str | None, stride: int = 1, padding: Any = "SAME_1") -> nn.Conv:
-    """A 2-D convolution; ``padding="SAME_1"`` pads ``kernel // 2`` on every side, like PyTorch's ``padding=k//2``."""
-    if padding == "SAME_1":
+# On CPU, convolutions with at most this many output positions per image run as one matmul over gathered
+# patches: XLA's CPU convolution is 2-10x slower there (the UNet's 8x8 and 4x4 levels; benchmarks/cpu_kernels.py),
+# and faster from 16x16 up.
+IM2COL_MAX_POSITIONS = 64
+
+
+def _im2col_conv(x_bhwc, kernel_hwio, stride, padding):
+    """Convolution as ``patches @ kernel``: ``(B*Ho*Wo, kh*kw*C_in) @ (kh*kw*C_in, C_out)``."""
+    kh, kw, c_in, c_out = kernel_hwio.shape
+    x = jnp.pad(x_bhwc, ((0, 0), *padding, (0, 0)))
+    batch, height, width, _ = x.shape
+    out_h, out_w = (height - kh) // stride + 1, (width - kw) // stride + 1
+    taps = [
+        x[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = jnp.stack(taps, axis=-2).reshape(batch * out_h * out_w, kh * kw * c_in)
+    return (patches @ kernel_hwio.reshape(kh * kw * c_in, c_out)).reshape(batch, out_h, out_w, c_out)
+
+
+class Conv2D(nn.Module):
+    """2-D convolution on NHWC with explicit padding; parameters as ``flax.linen.Conv`` (``kernel`` is
+    ``(kh, kw, C_in, C_out)``, then ``bias``). A 1x1 convolution is a matmul; on CPU, small outputs use im2col.
+
+    Attributes:
+      features: output channels.
+      kernel_size: square kernel side.
+      stride: square stride.
+      padding: ``((top, bottom), (left, right))``.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: tuple = ((1, 1), (1, 1))
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bhwc: jax.Array) -> jax.Array:
+        size, stride, padding = self.kernel_size, self.stride, tuple(map(tuple, self.padding))
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (size, size, x_bhwc.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        x, kernel = x_bhwc.astype(self.dtype), kernel.astype(self.dtype)
+        out_h = (x.shape[1] + sum(padding[0]) - size) // stride + 1
+        out_w = (x.shape[2] + sum(padding[1]) - size) // stride + 1
+        if size == 1 and stride == 1 and padding == ((0, 0), (0, 0)):
+            y = x @ kernel[0, 0]
+        elif jax.default_backend() == "cpu" and out_h * out_w <= IM2COL_MAX_POSITIONS:
+            y = _im2col_conv(x, kernel, stride, padding)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        return y + bias.astype(self.dtype)
+
+
+def conv(features: int, kernel: int, dtype: Any, name: str | None, stride: int = 1, padding: Any = None) -> Conv2D:
+    """A convolution padded ``kernel // 2`` on every side unless ``padding`` is given, like PyTorch's layers."""
+    if padding is None:
         padding = ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=padding,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    return Conv2D(features, kernel, stride, padding, dtype=dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):

@@ -71,7 +71,8 @@ def _per_block(value: Any, n: int, name: str) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """The settings of a diffusers ``unet/config.json`` that shape the network. Per-block values are tuples."""
+    """The settings of a diffusers ``unet/config.json`` that shape the network (defaults are diffusers').
+    Per-block values are tuples."""
 
     in_channels: int = 4
     out_channels: int = 4
@@ -81,7 +82,7 @@ class UNetConfig:
     layers_per_block: int = 2
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
-    cross_attention_dim: tuple[int, ...] = (768,) * 4
+    cross_attention_dim: tuple[int, ...] = (1280,) * 4
     num_heads: tuple[int, ...] = (8,) * 4  # diffusers' (misnamed) `attention_head_dim`
     transformer_layers_per_block: tuple[int, ...] = (1,) * 4
     use_linear_projection: bool = False
@@ -93,8 +94,7 @@ class UNetConfig:
     def from_diffusers(cls, config: Mapping[str, Any]) -> UNetConfig:
         """Validates a diffusers UNet config dict; unsupported values and unknown keys are errors naming them."""
         fields = {f.name for f in dataclasses.fields(cls)} - {"num_heads"}
-        known = fields | set(_FIXED_SETTINGS) | set(_IGNORED_SETTINGS) | {"attention_head_dim"}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in cls.known_settings())
         if unknown:
             raise ValueError(f"UNet config: unknown settings {unknown}")
         for key, supported in _FIXED_SETTINGS.items():
@@ -110,14 +110,20 @@ class UNetConfig:
                 kwargs[key] = tuple(kwargs[key])
         # diffusers' `attention_head_dim` is the number of heads (a historical naming slip it keeps).
         kwargs["num_heads"] = _per_block(config.get("attention_head_dim", 8), n, "attention_head_dim")
-        for key in ("cross_attention_dim", "transformer_layers_per_block"):
-            if key in config:
-                kwargs[key] = _per_block(config[key], n, key)
+        # diffusers' defaults for settings given as one value or one per block.
+        for key, default in (("cross_attention_dim", 1280), ("transformer_layers_per_block", 1)):
+            kwargs[key] = _per_block(config.get(key, default), n, key)
         if kwargs.get("norm_num_groups", 32) is None:
             raise ValueError("UNet config: norm_num_groups=None is not implemented")
         unet_config = cls(**kwargs)
         unet_config.validate()
         return unet_config
+
+    @classmethod
+    def known_settings(cls) -> set[str]:
+        """Every diffusers setting this port reads, implements at one value, or knows to be informational."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"num_heads"}
+        return fields | set(_FIXED_SETTINGS) | set(_IGNORED_SETTINGS) | {"attention_head_dim"}
 
     def validate(self) -> None:
         n = len(self.down_block_types)

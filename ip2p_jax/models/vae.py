@@ -30,19 +30,24 @@ _IGNORED_SETTINGS = ("sample_size", "force_upcast")  # informational, or about f
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """The settings of a diffusers ``vae/config.json`` that shape the network."""
+    """The settings of a diffusers ``vae/config.json`` that shape the network (defaults are diffusers')."""
 
     in_channels: int = 3
     out_channels: int = 3
-    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
-    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",) * 4
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
+
+    @classmethod
+    def known_settings(cls) -> set[str]:
+        """Every diffusers setting this port reads, implements at one value, or knows to be informational."""
+        return {f.name for f in dataclasses.fields(cls)} | set(_FIXED_SETTINGS) | set(_IGNORED_SETTINGS)
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> VAEConfig:

@@ -47,8 +47,9 @@ def load_unet(
     dtype: Any = jnp.float32,
 ) -> tuple[UNet2DConditionModel, dict]:
     """The UNet of a diffusers folder or hub repo: ``(UNet2DConditionModel, params)``."""
-    folder = resolve_folder(path_or_repo_id, subfolder, weights_name=DIFFUSERS_WEIGHTS, variant=variant,
-                            revision=revision)
+    folder = resolve_folder(
+        path_or_repo_id, subfolder, weights_name=DIFFUSERS_WEIGHTS, variant=variant, revision=revision
+    )
     try:
         config = UNetConfig.from_diffusers(read_config(folder))
     except ValueError as error:
@@ -72,8 +73,9 @@ def load_vae(
     dtype: Any = jnp.float32,
 ) -> tuple[AutoencoderKL, dict]:
     """The autoencoder of a diffusers folder or hub repo: ``(AutoencoderKL, params)``."""
-    folder = resolve_folder(path_or_repo_id, subfolder, weights_name=DIFFUSERS_WEIGHTS, variant=variant,
-                            revision=revision)
+    folder = resolve_folder(
+        path_or_repo_id, subfolder, weights_name=DIFFUSERS_WEIGHTS, variant=variant, revision=revision
+    )
     try:
         config = VAEConfig.from_diffusers(read_config(folder))
     except ValueError as error:
@@ -93,8 +95,9 @@ def load_text_encoder(
     dtype: Any = jnp.float32,
 ) -> tuple[CLIPTextModel, dict]:
     """The CLIP text encoder of a diffusers folder or hub repo (transformers layout): ``(CLIPTextModel, params)``."""
-    folder = resolve_folder(path_or_repo_id, subfolder, weights_name=TRANSFORMERS_WEIGHTS, variant=variant,
-                            revision=revision)
+    folder = resolve_folder(
+        path_or_repo_id, subfolder, weights_name=TRANSFORMERS_WEIGHTS, variant=variant, revision=revision
+    )
     try:
         config = CLIPTextConfig.from_transformers(read_config(folder))
     except ValueError as error:
