@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from ip2p_jax.vocabulary import write_clip_vocab
+
 # Words the tiny vocabulary knows whole (others fall back to single characters).
 VOCAB_WORDS = (
     "a",
@@ -37,50 +39,6 @@ VOCAB_WORDS = (
     "and",
     "with",
 )
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable-unicode table (GPT-2's)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
-def write_clip_vocab(folder: Path, words=VOCAB_WORDS) -> Path:
-    """Writes ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` of a tiny CLIP BPE tokenizer."""
-    folder.mkdir(parents=True, exist_ok=True)
-    symbols = list(bytes_to_unicode().values())
-    vocab_list = symbols + [s + "</w>" for s in symbols]
-    merges: list[str] = []
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merge = f"{pieces[0]} {pieces[1]}"
-            if merge not in merges:
-                merges.append(merge)
-                vocab_list.append(pieces[0] + pieces[1])
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    config = {
-        "model_max_length": 77,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "tokenizer_class": "CLIPTokenizer",
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
 
 
 def perturb_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -210,7 +168,7 @@ def make_vae(seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    return write_clip_vocab(tmp_path_factory.mktemp("vocab") / "tokenizer")
+    return write_clip_vocab(tmp_path_factory.mktemp("vocab") / "tokenizer", VOCAB_WORDS)
 
 
 @pytest.fixture(scope="session")

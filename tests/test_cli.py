@@ -1,0 +1,99 @@
+"""sample.py end to end on the tiny model, and its error paths."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sample
+
+LONG = " ".join(["make the sky blue and"] * 20) + " red"  # about 100 tokens
+
+
+def write_image(path, size):
+    Image.fromarray(np.random.RandomState(size).randint(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+FAST = ["--steps", "2", "--scheduler", "euler"]
+
+
+def test_single_edit_writes_image_and_grid(pipeline_dir, tmp_path):
+    image = write_image(tmp_path / "in.png", 64)
+    out = tmp_path / "out" / "edited.png"
+    code = sample.main(
+        ["--model", str(pipeline_dir), "--image", str(image), "--instruction", "make it red", "--out", str(out)]
+        + FAST
+        + ["--grid"]
+    )
+    assert code == 0
+    assert Image.open(out).size == (64, 64)
+    assert Image.open(out.with_suffix(".grid.png")).size == (128, 64)
+
+
+def test_manifest_skips_bad_items_and_runs_the_rest(pipeline_dir, tmp_path, capsys):
+    write_image(tmp_path / "good.png", 64)
+    write_image(tmp_path / "wide.png", 72)
+    write_image(tmp_path / "small.png", 48)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    lines = [
+        {"image": "good.png", "instruction": "make the sky blue", "out": "a.png"},
+        {"image": "wide.png", "instruction": LONG, "out": "b.png"},
+        {"image": "missing.png", "instruction": "make it red", "out": "c.png"},
+        {"image": "small.png", "instruction": "make it red", "out": "d.png"},
+        {"image": "good.png", "instruction": "  ", "out": "e.png"},
+        {"image": "broken.png", "instruction": "make it red", "out": "f.png"},
+        {"image": "good.png", "out": "g.png"},
+    ]
+    manifest = tmp_path / "edits.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
+    with pytest.warns(UserWarning, match="CLIP reads 77: truncated"):
+        code = sample.main(["--model", str(pipeline_dir), "--manifest", str(manifest)] + FAST)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert Image.open(tmp_path / "a.png").size == (64, 64) and Image.open(tmp_path / "b.png").size == (72, 72)
+    assert not any((tmp_path / name).exists() for name in ("c.png", "d.png", "e.png", "f.png", "g.png"))
+    for message in (
+        "edits.jsonl:3: image " + str(tmp_path / "missing.png") + " does not exist",
+        "edits.jsonl:4: image " + str(tmp_path / "small.png") + " is 48x48 px, under 64 px",
+        "edits.jsonl:5: the instruction is empty",
+        "edits.jsonl:6: cannot read image",
+        "edits.jsonl:7: needs string fields image, instruction, out",
+        "edits.jsonl:8: not JSON",
+    ):
+        assert message in err, err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--scheduler", "heun", "--manifest", "x.jsonl"], "invalid choice: 'heun'"),
+        (["--image", "a.png"], "give --image, --instruction and --out, or --manifest"),
+        (["--manifest", "x.jsonl", "--strength", "0"], "--strength must be in (0, 1]"),
+    ],
+)
+def test_bad_arguments_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    image = write_image(tmp_path / "in.png", 64)
+    code = sample.main(
+        [
+            "--model",
+            str(tmp_path / "nope"),
+            "--image",
+            str(image),
+            "--instruction",
+            "x",
+            "--out",
+            str(tmp_path / "o.png"),
+        ]
+    )
+    assert code == 1 and "error:" in capsys.readouterr().err
