@@ -1,11 +1,18 @@
-"""Instruction-based image editing from the command line (InstructPix2Pix).
+"""Instruction-based image editing from the command line: InstructPix2Pix, and Focus on Your Instruction (FoI).
 
-One image:
+One image, IP2P:
 
     python sample.py --model timbrooks/instruct-pix2pix --image in.png --instruction "make it snow" --out out.png
 
-A batch from a JSONL manifest, one ``{"image": ..., "instruction": ..., "out": ...}`` per line (paths relative to
-the manifest), spread over all devices:
+Several instructions at once with FoI (each --instruction may have a --keyword and an --alpha, in order; a
+keyword "-" means none), with a comparison grid (input | each mask over the input | IP2P | FoI):
+
+    python sample.py --image in.png --instruction "make the sky blue" --keyword sky \
+        --instruction "turn the cat into a dog" --keyword cat --out out.png --compare
+
+A batch from a JSONL manifest, one ``{"image": ..., "instruction": ..., "out": ...}`` per line, or with
+``"instructions": [{"text": ..., "keyword": ..., "alpha": ...}, ...]`` for FoI (paths relative to the manifest),
+spread over all devices:
 
     python sample.py --model DIR --manifest edits.jsonl --grid
 
@@ -28,12 +35,18 @@ MIN_SIDE = 64  # pixels; below this the UNet's lowest level has under one latent
 
 @dataclass
 class EditItem:
-    """One edit: where it comes from, its instruction and where it goes."""
+    """One edit: where it comes from, its sub-instructions and where it goes."""
 
     image: Path
-    instruction: str
+    instructions: list  # of foi.SubInstruction
     out: Path
     source: str  # for messages: "--image" or "manifest line N"
+
+    @property
+    def prompt(self) -> str:
+        from ip2p_jax.foi import composite_prompt
+
+        return composite_prompt(self.instructions)[0]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,8 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="timbrooks/instruct-pix2pix", help="diffusers folder or hub repo id")
     parser.add_argument("--revision", default=None, help="hub revision")
+    parser.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (half the download)")
     parser.add_argument("--image", type=Path, help="input image")
-    parser.add_argument("--instruction", help="the edit instruction")
+    parser.add_argument("--instruction", action="append", help="an edit instruction (repeat for several)")
+    parser.add_argument("--keyword", action="append", help="FoI: the region word of each instruction, in order")
+    parser.add_argument("--alpha", action="append", type=float, help="FoI: attention boost of each instruction")
     parser.add_argument("--out", type=Path, help="output image path")
     parser.add_argument("--manifest", type=Path, help="JSONL file of edits (instead of --image/--instruction/--out)")
     parser.add_argument("--steps", type=int, default=100, help="num_inference_steps")
@@ -51,20 +67,78 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance s_I")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the checkpoint's own")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strength", type=float, default=1.0, help="fraction of the schedule run, in (0, 1]")
+    parser.add_argument(
+        "--strength", type=float, default=None, help="fraction of the schedule run, in (0, 1]; default 1, FoI 0.8"
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.add_argument("--grid", action="store_true", help="also write OUT.grid.png: input | output")
+    foi = parser.add_argument_group("Focus on Your Instruction (docs/foi.md)")
+    foi.add_argument(
+        "--foi",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on when keywords or several instructions are given",
+    )
+    foi.add_argument("--compare", action="store_true", help="write OUT.compare.png: input | masks | IP2P | FoI")
+    foi.add_argument("--tau", default="0.5", help="mask threshold, or a range LOW,HIGH drawn per image")
+    foi.add_argument("--gamma", type=int, default=3, help="rounds of square + min-max")
+    foi.add_argument("--mask-downsample", type=int, default=4, help="mask resolution = latent size / this")
+    foi.add_argument("--mask-step", type=int, default=0, help="step run that builds the masks")
+    foi.add_argument("--no-modulation", action="store_true", help="ablation: no attention modulation")
+    foi.add_argument("--modulation-stop", type=float, default=1.0, help="fraction of steps with modulation")
+    foi.add_argument("--no-decoupled-guidance", action="store_true", help="ablation: plain IP2P guidance")
+    foi.add_argument("--decoupled-fraction", type=float, default=0.75, help="fraction of steps with it")
+    foi.add_argument("--outside-values", choices=("own", "image_only"), default="own")
     args = parser.parse_args(argv)
     single = [args.image, args.instruction, args.out]
     if args.manifest is None and any(x is None for x in single):
         parser.error("give --image, --instruction and --out, or --manifest")
     if args.manifest is not None and any(x is not None for x in single):
         parser.error("--manifest replaces --image, --instruction and --out")
-    if not 0.0 < args.strength <= 1.0:
+    if args.strength is not None and not 0.0 < args.strength <= 1.0:
         parser.error(f"--strength must be in (0, 1], got {args.strength}")
+    count = len(args.instruction or [])
+    for name in ("keyword", "alpha"):
+        given = getattr(args, name)
+        if given is not None and len(given) != count:
+            parser.error(f"give one --{name} per --instruction ({len(given)} for {count})")
+    try:
+        args.foi_config = foi_config(args)
+    except ValueError as error:
+        parser.error(str(error))
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     return args
+
+
+def foi_config(args):
+    """``FoIConfig`` from the command line's FoI settings."""
+    from ip2p_jax.sampling import FoIConfig
+
+    tau = tuple(float(x) for x in args.tau.split(",")) if "," in args.tau else float(args.tau)
+    return FoIConfig(
+        strength=0.8 if args.strength is None else args.strength,
+        gamma=args.gamma,
+        tau=tau,
+        mask_downsample=args.mask_downsample,
+        mask_step=args.mask_step,
+        modulation=not args.no_modulation,
+        modulation_stop=args.modulation_stop,
+        outside_values=args.outside_values,
+        decoupled_guidance=not args.no_decoupled_guidance,
+        decoupled_fraction=args.decoupled_fraction,
+    )
+
+
+def sub_instructions(texts, keywords=None, alphas=None) -> list:
+    from ip2p_jax.foi import SubInstruction
+
+    keywords = keywords or [None] * len(texts)
+    alphas = alphas or [1.0] * len(texts)
+    return [
+        SubInstruction(text, None if keyword in (None, "-") else keyword, float(alpha))
+        for text, keyword, alpha in zip(texts, keywords, alphas, strict=True)
+    ]
 
 
 def read_manifest(path: Path) -> tuple[list[EditItem], list[str]]:
@@ -83,18 +157,35 @@ def read_manifest(path: Path) -> tuple[list[EditItem], list[str]]:
         except json.JSONDecodeError as error:
             errors.append(f"{where}: not JSON ({error.msg})")
             continue
-        missing = [key for key in ("image", "instruction", "out") if not isinstance(entry.get(key), str)]
+        if not isinstance(entry, dict):
+            errors.append(f"{where}: not a JSON object")
+            continue
+        missing = [key for key in ("image", "out") if not isinstance(entry.get(key), str)]
+        instructions = entry.get("instructions")
+        if instructions is None:
+            if not isinstance(entry.get("instruction"), str):
+                missing.append("instruction")
+            instructions = [{"text": entry.get("instruction")}]
         if missing:
             errors.append(f"{where}: needs string fields image, instruction, out (missing or not a string: {missing})")
             continue
+        try:
+            subs = sub_instructions(
+                [x["text"] for x in instructions],
+                [x.get("keyword") for x in instructions],
+                [x.get("alpha", 1.0) for x in instructions],
+            )
+        except (TypeError, KeyError, ValueError) as error:
+            errors.append(f"{where}: instructions must be a list of {{text, keyword, alpha}} ({error!r})")
+            continue
         resolve = lambda p: p if Path(p).is_absolute() else path.parent / p  # noqa: E731
-        items.append(EditItem(Path(resolve(entry["image"])), entry["instruction"], Path(resolve(entry["out"])), where))
+        items.append(EditItem(Path(resolve(entry["image"])), subs, Path(resolve(entry["out"])), where))
     return items, errors
 
 
 def load_item(item: EditItem) -> Image.Image:
     """The item's image as RGB, or ``ValueError`` saying what is wrong with the item."""
-    if not item.instruction.strip():
+    if not item.instructions or any(not isinstance(sub.text, str) or not sub.text.strip() for sub in item.instructions):
         raise ValueError(f"{item.source}: the instruction is empty")
     try:
         with Image.open(item.image) as image:
@@ -123,7 +214,8 @@ def main(argv=None) -> int:
     if args.manifest is not None:
         items, errors = read_manifest(args.manifest)
     else:
-        items, errors = [EditItem(args.image, args.instruction, args.out, "--image")], []
+        subs = sub_instructions(args.instruction, args.keyword, args.alpha)
+        items, errors = [EditItem(args.image, subs, args.out, "--image")], []
     ready = []
     for item in items:
         try:
@@ -143,35 +235,87 @@ def main(argv=None) -> int:
 
     try:
         pipe = InstructPix2PixPipeline.from_pretrained(
-            args.model, revision=args.revision, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+            args.model,
+            revision=args.revision,
+            variant=args.variant,
+            dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
         )
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"editing {len(ready)} image(s) on {pipe.mesh.size} device(s)", file=sys.stderr)
-    result = pipe(
-        [image for _, image in ready],
-        [item.instruction for item, _ in ready],
+    use_foi = args.foi
+    if use_foi is None:
+        use_foi = any(len(item.instructions) > 1 or item.instructions[0].keyword for item, _ in ready)
+    if use_foi:
+        from ip2p_jax.foi import InstructionError, instruction_tokens
+
+        checked = []
+        for item, image in ready:
+            try:
+                instruction_tokens(pipe.tokenizer, item.instructions)
+                checked.append((item, image))
+            except InstructionError as error:
+                errors.append(f"{item.source}: {error}")
+                print(f"error: {item.source}: {error}", file=sys.stderr)
+        ready = checked
+        if not ready:
+            return 1
+    method = "FoI" if use_foi else "IP2P"
+    print(f"editing {len(ready)} image(s) with {method} on {pipe.mesh.size} device(s)", file=sys.stderr)
+    images = [image for _, image in ready]
+    common = dict(
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         image_guidance_scale=args.image_guidance_scale,
         scheduler=args.scheduler,
         seed=args.seed,
-        strength=args.strength,
     )
+    if use_foi:
+        instructions = [item.instructions for item, _ in ready]
+        result = pipe(images, instructions=instructions, foi=args.foi_config, **common)
+    else:
+        result = pipe(images, [item.prompt for item, _ in ready], strength=args.strength, **common)
+    plain = None
+    if args.compare and use_foi:  # IP2P with the composite prompt, same steps, strength and seed
+        prompts = [item.prompt for item, _ in ready]
+        plain = pipe(images, prompts, strength=args.foi_config.strength, **common).images
     failed = bool(errors)
-    for (item, image), edited in zip(ready, result.images, strict=True):
+    for index, ((item, image), edited) in enumerate(zip(ready, result.images, strict=True)):
         try:
             item.out.parent.mkdir(parents=True, exist_ok=True)
             edited.save(item.out)
             if args.grid:
                 side_by_side(image, edited).save(item.out.with_suffix(".grid.png"))
+            if plain is not None:
+                comparison = compare_grid(image, result.masks[index]["image"], plain[index], edited)
+                comparison.save(item.out.with_suffix(".compare.png"))
         except (OSError, ValueError) as error:
             print(f"error: {item.source}: cannot write {item.out} ({error})", file=sys.stderr)
             failed = True
             continue
         print(f"wrote {item.out}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def mask_overlay(image: Image.Image, mask_hw) -> Image.Image:
+    """The image with the mask's region tinted red and the rest dimmed."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"), np.float32)
+    mask = np.asarray(mask_hw, np.float32)[..., None]
+    red = np.array([255.0, 40.0, 40.0])
+    tinted = mask * (0.5 * pixels + 0.5 * red) + (1 - mask) * 0.35 * pixels
+    return Image.fromarray(tinted.round().astype(np.uint8))
+
+
+def compare_grid(image: Image.Image, masks_khw, plain: Image.Image, edited: Image.Image) -> Image.Image:
+    """input | each mask over the input | IP2P | FoI, in one row."""
+    base = image.resize(edited.size, Image.LANCZOS) if image.size != edited.size else image
+    tiles = [base] + [mask_overlay(base, mask) for mask in masks_khw] + [plain, edited]
+    grid = Image.new("RGB", (edited.width * len(tiles), edited.height))
+    for position, tile in enumerate(tiles):
+        grid.paste(tile, (position * edited.width, 0))
+    return grid
 
 
 if __name__ == "__main__":

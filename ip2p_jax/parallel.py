@@ -7,6 +7,7 @@ embarrassingly parallel: every device runs the whole sampler on its share of the
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -34,8 +35,10 @@ def padded_size(batch: int, mesh: Mesh) -> int:
     return -(-batch // shards) * shards
 
 
-def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
-    """Pads the leading axis to ``size`` by repeating the last item (results for the copies are dropped)."""
+def pad_batch(x, size: int):
+    """Pads the leading axis of a numpy or jax array to ``size`` by repeating the last item (results for the
+    copies are dropped)."""
     if x.shape[0] == size:
         return x
-    return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)], axis=0)
+    xp = jnp if isinstance(x, jax.Array) else np
+    return xp.concatenate([x, xp.repeat(x[-1:], size - x.shape[0], axis=0)], axis=0)

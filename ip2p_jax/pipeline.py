@@ -21,8 +21,16 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ip2p_jax import foi as foi_lib
 from ip2p_jax.parallel import batch_sharded, data_mesh, pad_batch, padded_size, replicated
-from ip2p_jax.sampling import SamplerInputs, SamplerSettings, make_ip2p_sampler
+from ip2p_jax.sampling import (
+    FoIConfig,
+    FoIInputs,
+    SamplerInputs,
+    SamplerSettings,
+    make_foi_sampler,
+    make_ip2p_sampler,
+)
 from ip2p_jax.schedulers import Scheduler
 from ip2p_jax.tokenizer import tokenize
 from ip2p_jax.weights import load_text_encoder, load_tokenizer, load_unet, load_vae
@@ -38,9 +46,13 @@ class EditOutput:
     Attributes:
       images: PIL images, or float32 ``(H, W, 3)`` arrays in [0, 1] for ``output_type="np"`` (stacked into
         ``(B, H, W, 3)`` when all have one size), in input order.
+      masks: FoI edits only: per image, a dict with ``"latent"`` ``(k, h/d, w/d)`` masks at the mask resolution
+        and ``"image"`` ``(k, H, W)`` the same masks at the image's resolution (float32 0 / 1), one per
+        sub-instruction.
     """
 
     images: list | np.ndarray
+    masks: list | None = None
 
 
 class _Progress:
@@ -175,45 +187,62 @@ class InstructPix2PixPipeline:
     def __call__(
         self,
         image: ImageLike | Sequence[ImageLike],
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 100,
         guidance_scale: float = 7.5,
         image_guidance_scale: float = 1.5,
         scheduler: Scheduler | str | None = None,
         seed: int = 0,
         latents: np.ndarray | None = None,
-        strength: float = 1.0,
+        strength: float | None = None,
         output_type: str = "pil",
         progress: bool = True,
+        instructions: Sequence | None = None,
+        foi: FoIConfig | None = None,
     ) -> EditOutput:
-        """Edits each image by its instruction.
+        """Edits each image by its instruction (IP2P), or by its list of sub-instructions (FoI).
 
         Args:
           image: one image or a list (PIL or uint8 ``(H, W, 3)``); images of different sizes are edited in
             groups of one size, never resized to a common size.
-          prompt: one instruction for all images, or one per image.
+          prompt: IP2P: one instruction for all images, or one per image.
           num_inference_steps, guidance_scale, image_guidance_scale: as diffusers; ``guidance_scale <= 1`` or
-            ``image_guidance_scale < 1`` runs one conditioned branch, as diffusers does.
+            ``image_guidance_scale < 1`` runs one conditioned branch, as diffusers does (IP2P only).
           scheduler: a ``Scheduler``, a scheduler name (``schedulers.SCHEDULERS``) with the checkpoint's config, or
             ``None`` for the checkpoint's own.
-          seed: image ``i`` of the call draws its noise from ``fold_in(PRNGKey(seed), i)``.
+          seed: image ``i`` of the call draws its noise (and FoI's ``tau``) from ``fold_in(PRNGKey(seed), i)``.
           latents: ``(B, H/8, W/8, 4)`` start noise (as diffusers' ``latents``: multiplied by the scheduler's
-            ``init_noise_sigma``); all images must then have one size.
-          strength: in (0, 1]; below 1, start from the image latent noised to step
-            ``n - int(n * strength)`` and run ``int(n * strength)`` steps.
+            ``init_noise_sigma`` at full strength); all images must then have one size.
+          strength: in (0, 1]; below 1, start from the image latent noised to step ``n - int(n * strength)`` and
+            run ``int(n * strength)`` steps. Default 1 for IP2P, ``foi.strength`` (0.8) for FoI.
           output_type: ``"pil"`` or ``"np"``.
           progress: show a progress bar per group of images.
+          instructions: FoI: per image a list of sub-instructions (``foi.SubInstruction``, ``(text, keyword)``,
+            ``(text, keyword, alpha)`` or a plain text); a flat list is one image's. Replaces ``prompt``.
+          foi: FoI settings (``FoIConfig()`` for the paper's); given with ``instructions``.
         """
         images = [image] if isinstance(image, Image.Image | np.ndarray) and np.ndim(image) != 4 else list(image)
-        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if (instructions is None) == (prompt is None):
+            raise ValueError("give either prompt= (IP2P) or instructions= (FoI)")
+        if instructions is not None:
+            per_image = _instruction_lists(instructions)
+            foi = FoIConfig() if foi is None else foi
+            prompts = [foi_lib.composite_prompt(subs)[0] for subs in per_image]
+        else:
+            if foi is not None:
+                raise ValueError("foi= needs instructions= (a list of sub-instructions per image)")
+            prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+            per_image = None
         if len(prompts) == 1 and len(images) > 1:
-            prompts = prompts * len(images)
+            prompts, per_image = prompts * len(images), None if per_image is None else per_image * len(images)
         if len(images) == 1 and len(prompts) > 1:
             images = images * len(prompts)
         if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+            raise ValueError(f"{len(images)} images but {len(prompts)} instructions")
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        if strength is None:
+            strength = 1.0 if foi is None else foi.strength
         settings = SamplerSettings(
             scheduler=self._scheduler(scheduler),
             num_inference_steps=num_inference_steps,
@@ -222,6 +251,10 @@ class InstructPix2PixPipeline:
             scaling_factor=self.vae.config.scaling_factor,
         )
         settings.scheduler.steps_for_strength(num_inference_steps, strength)  # validates early
+        tokens = None
+        if per_image is not None:
+            slots = max(len(subs) for subs in per_image)
+            tokens = [foi_lib.instruction_tokens(self.tokenizer, subs, slots) for subs in per_image]
         pixels = [preprocess(im, self.vae_scale_factor) for im in images]
         groups = defaultdict(list)
         for index, x in enumerate(pixels):
@@ -231,20 +264,59 @@ class InstructPix2PixPipeline:
         null_context = self.encode_prompt([""])
         base_key = jax.random.key(seed)
         results: list[np.ndarray | None] = [None] * len(images)
+        masks: list[dict | None] = [None] * len(images)
         for shape, indices in groups.items():
             image_latents = self.encode_image(np.stack([pixels[i] for i in indices]))
-            context = self.encode_prompt([prompts[i] for i in indices])
-            keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(indices))
-            out = self._sample(
-                settings, image_latents, context, null_context, keys, guidance_scale, image_guidance_scale,
-                latents, progress, f"editing {len(indices)} image(s) of {shape[1]}x{shape[0]}",
-            )  # fmt: skip
+            if tokens is None:
+                context = self.encode_prompt([prompts[i] for i in indices])
+            else:
+                context = self._encode_ids(np.stack([tokens[i].ids for i in indices]))
+            n = len(indices)
+            fill = lambda x, n=n: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (n,))  # noqa: E731
+            inputs = SamplerInputs(
+                image_latents=image_latents,
+                context=context,
+                null_context=jnp.broadcast_to(null_context, context.shape),
+                keys=jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(indices)),
+                guidance_scale=fill(guidance_scale),
+                image_guidance_scale=fill(image_guidance_scale),
+                latents=None if latents is None else jnp.asarray(latents, jnp.float32),
+            )
+            description = f"{'FoI' if foi else 'IP2P'}: {n} image(s) of {shape[1]}x{shape[0]}"
+            if tokens is None:
+                out = self._run(self.sampler(settings), settings, (inputs,), n, progress, description)
+            else:
+                foi_inputs = FoIInputs(
+                    keyword_weights=jnp.stack([tokens[i].keyword_weights for i in indices]),
+                    owner=jnp.stack([tokens[i].owner for i in indices]),
+                    token_alpha=jnp.stack([tokens[i].token_alpha for i in indices]),
+                    valid=jnp.stack([tokens[i].valid for i in indices]),
+                )
+                sampler = self.foi_sampler(settings, foi, tuple(image_latents.shape[1:3]))
+                out, group_masks = self._run(sampler, settings, (inputs, foi_inputs), n, progress, description)
+                for i, m in zip(indices, np.asarray(group_masks), strict=True):
+                    k = len(per_image[i])
+                    full = foi_lib.resize_masks(jnp.asarray(m[None, :k]), shape[:2])[0]
+                    masks[i] = {"latent": m[:k], "image": np.asarray(full)}
             for i, picture in zip(indices, self.decode_latents(out), strict=True):
                 results[i] = picture
+        masks_out = None if tokens is None else masks
         if output_type == "pil":
-            return EditOutput([to_pil(x) for x in results])
+            return EditOutput([to_pil(x) for x in results], masks_out)
         same_size = len({x.shape for x in results}) == 1
-        return EditOutput(np.stack(results) if same_size else results)
+        return EditOutput(np.stack(results) if same_size else results, masks_out)
+
+    def foi_sampler(self, settings: SamplerSettings, foi: FoIConfig, latent_size: tuple[int, int]):
+        """The jitted FoI sampler for these settings and latent size."""
+        key = (settings, foi, latent_size)
+        if key not in self._samplers:
+            apply = lambda p, x, t, c, control: self.unet.apply({"params": p}, x, t, c, control)  # noqa: E731
+            self._samplers[key] = make_foi_sampler(apply, settings, foi, self.mesh, latent_size, self._progress)
+        return self._samplers[key]
+
+    def _encode_ids(self, ids: np.ndarray) -> jax.Array:
+        x, n = self._shard(ids)
+        return self._encode_text(self.params["text_encoder"], x)[:n]
 
     def _scheduler(self, scheduler: Scheduler | str | None) -> Scheduler:
         if scheduler is None:
@@ -253,37 +325,33 @@ class InstructPix2PixPipeline:
             return scheduler
         return Scheduler(scheduler, self.scheduler.config)
 
-    def _sample(
-        self, settings, image_latents, context, null_context, keys, guidance_scale, image_guidance_scale, latents,
-        progress, description,
-    ) -> jax.Array:  # fmt: skip
-        """Runs the jitted sampler on one group of equally sized images; returns ``(B, h, w, 4)`` latents."""
-        n = image_latents.shape[0]
+    def _run(self, sampler, settings: SamplerSettings, arguments: tuple, n: int, progress: bool, description: str):
+        """Pads and shards one group's inputs, runs a jitted sampler with a progress bar, drops the padding."""
         size = padded_size(n, self.mesh)
-        fill = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (n,))  # noqa: E731
-        inputs = SamplerInputs(
-            image_latents=image_latents,
-            context=context,
-            null_context=jnp.broadcast_to(null_context, context.shape),
-            keys=keys,
-            guidance_scale=fill(guidance_scale),
-            image_guidance_scale=fill(image_guidance_scale),
-            latents=None if latents is None else jnp.asarray(latents, jnp.float32),
-        )
-        inputs = jax.tree.map(lambda x: jax.device_put(pad_batch_jax(x, size), batch_sharded(self.mesh)), inputs)
+        sharding = batch_sharded(self.mesh)
+        arguments = jax.tree.map(lambda x: jax.device_put(pad_batch(x, size), sharding), arguments)
         self._progress.bar = tqdm(total=settings.num_steps_run, desc=description, disable=not progress, leave=False)
         try:
-            out = self.sampler(settings)(self.params["unet"], inputs)
-            out.block_until_ready()
+            out = sampler(self.params["unet"], *arguments)
+            jax.block_until_ready(out)
             jax.effects_barrier()
         finally:
             self._progress.bar.close()
             self._progress.bar = None
-        return out[:n]
+        return jax.tree.map(lambda x: x[:n], out)
 
 
-def pad_batch_jax(x: jax.Array, size: int) -> jax.Array:
-    """``parallel.pad_batch`` for device arrays (typed PRNG keys included)."""
-    if x.shape[0] == size:
-        return x
-    return jnp.concatenate([x, jnp.repeat(x[-1:], size - x.shape[0], axis=0)], axis=0)
+def _instruction_lists(instructions) -> list[list[foi_lib.SubInstruction]]:
+    """``instructions`` as one list of ``SubInstruction`` per image (a flat list is one image's)."""
+
+    def one(item) -> foi_lib.SubInstruction:
+        if isinstance(item, foi_lib.SubInstruction):
+            return item
+        if isinstance(item, str):
+            return foi_lib.SubInstruction(item)
+        return foi_lib.SubInstruction(*item)
+
+    items = list(instructions)
+    if items and all(isinstance(x, list) for x in items):
+        return [[one(x) for x in subs] for subs in items]
+    return [[one(x) for x in items]]

@@ -184,3 +184,183 @@ def make_ip2p_sampler(
         return latents
 
     return jax.jit(sample)
+
+
+# ---------------------------------------------------------------------------------------------- FoI
+
+
+@dataclasses.dataclass(frozen=True)
+class FoIConfig:
+    """Every setting of Focus on Your Instruction (``docs/foi.md`` explains each). Defaults: paper 5.1.
+
+    Attributes:
+      strength: the edit enters the schedule at ``strength`` (0.8: 80 of 100 steps run).
+      gamma: rounds of square + min-max in mask extraction (4.1).
+      tau: mask threshold, a value or a ``(low, high)`` range drawn per image from its key (paper: [0.4, 0.7]).
+      filter_size, filter_sigma: the Gaussian filter of the keyword maps (4.1).
+      mask_downsample: the mask resolution is the latent size divided by this (16 for a 64 x 64 latent); maps
+        are averaged over every cross-attention layer of that size.
+      mask_step: which step run records the maps and builds the masks (0 = the first); earlier steps are plain
+        IP2P.
+      modulation: cross-condition attention modulation on or off (4.2).
+      modulation_stop: fraction of the steps run after which modulation stops (1 = never).
+      outside_values: outside the mask, the text+image branch combines the image-only probabilities with its own
+        values (``"own"``) or with the image-only branch's values (``"image_only"``).
+      decoupled_guidance: the masked text term of 4.3 on or off.
+      decoupled_fraction: fraction of the steps run that use decoupled guidance (0.75).
+    """
+
+    strength: float = 0.8
+    gamma: int = 3
+    tau: float | tuple[float, float] = 0.5
+    filter_size: int = 3
+    filter_sigma: float = 0.5
+    mask_downsample: int = 4
+    mask_step: int = 0
+    modulation: bool = True
+    modulation_stop: float = 1.0
+    outside_values: str = "own"
+    decoupled_guidance: bool = True
+    decoupled_fraction: float = 0.75
+
+    def __post_init__(self):
+        if self.outside_values not in ("own", "image_only"):
+            raise ValueError(f"outside_values must be 'own' or 'image_only', got {self.outside_values!r}")
+        if self.gamma < 0 or self.mask_step < 0 or self.mask_downsample < 1:
+            raise ValueError("gamma and mask_step must be >= 0 and mask_downsample >= 1")
+        if not isinstance(self.tau, int | float) and not (len(self.tau) == 2 and self.tau[0] <= self.tau[1]):
+            raise ValueError(f"tau must be a number or a (low, high) range, got {self.tau!r}")
+
+
+class FoIInputs(struct.PyTreeNode):
+    """Per-image FoI arrays (batched over ``B``, ``K`` sub-instruction slots, ``T`` tokens); see
+    ``foi.InstructionTokens``."""
+
+    keyword_weights: jax.Array  # (B, K, T)
+    owner: jax.Array  # (B, T, K)
+    token_alpha: jax.Array  # (B, T)
+    valid: jax.Array  # (B, K) bool
+
+
+def make_foi_sampler(
+    unet_apply: Callable,
+    settings: SamplerSettings,
+    foi_config: FoIConfig,
+    mesh: Mesh,
+    latent_size: tuple[int, int],
+    progress: Callable[[jax.Array], None] | None = None,
+) -> Callable[[Any, SamplerInputs, FoIInputs], tuple[jax.Array, jax.Array]]:
+    """Builds the jitted FoI sampler: plain IP2P steps before ``mask_step``, the mask step peeled off (maps
+    recorded, masks built), then a ``lax.scan`` of modulated steps; each step a ``shard_map`` over ``data``.
+
+    Returns:
+      ``sample(unet_params, inputs, foi_inputs) -> (latents (B, h, w, 4), masks (B, K, h/d, w/d))``.
+    """
+    from ip2p_jax import foi
+    from ip2p_jax.models.attention import RecordCrossAttention, mean_of_layers
+
+    if not settings.dual_guidance:
+        raise ValueError("FoI needs the three guidance branches (guidance_scale > 1, image_guidance_scale >= 1)")
+    scheduler, cfg = settings.scheduler, foi_config
+    schedule = scheduler.schedule(settings.num_inference_steps)
+    first, steps_run = settings.first_step, settings.num_steps_run
+    if cfg.mask_step >= steps_run:
+        raise ValueError(f"mask_step {cfg.mask_step} is not among the {steps_run} steps run")
+    mask_size = (latent_size[0] // cfg.mask_downsample, latent_size[1] // cfg.mask_downsample)
+    train_steps = scheduler.config.num_train_timesteps
+
+    def decoupled_mask(masks, run_index):
+        """``(B, h, w, 1)`` text-guidance mask of this step: ``M_union`` in the decoupled window, else ones."""
+        union = foi.resize_masks(foi.union_mask(masks)[:, None], latent_size)[:, 0, :, :, None]
+        in_window = cfg.decoupled_guidance & (run_index < cfg.decoupled_fraction * steps_run)
+        return jnp.where(in_window, union, jnp.ones_like(union))
+
+    def plain_step(unet_params, inputs, sample, previous_x0, index):
+        model_input = scheduler.scale_model_input(schedule, index, sample)
+        eps, _ = guided_eps(unet_apply, unet_params, model_input, schedule.timesteps[index], inputs, True)
+        noise = step_noise(inputs.keys, index, sample.shape[1:])
+        return scheduler.step(schedule, index, sample, eps, noise, previous_x0)
+
+    def three_branch_eps(unet_params, inputs, sample, index, control):
+        model_input = scheduler.scale_model_input(schedule, index, sample)
+        image_latents = inputs.image_latents.astype(model_input.dtype)
+        x = jnp.concatenate([model_input] * 3)
+        image = jnp.concatenate([image_latents, image_latents, jnp.zeros_like(image_latents)])
+        context = jnp.concatenate([inputs.context, inputs.null_context, inputs.null_context])
+        eps, aux = unet_apply(unet_params, jnp.concatenate([x, image], -1), schedule.timesteps[index], context, control)
+        return eps.reshape(3, -1, *eps.shape[1:]), aux
+
+    def guide_and_step(inputs, sample, previous_x0, index, eps_3b, masks):
+        text_mask = decoupled_mask(masks, index - first)
+        eps = dual_guidance(eps_3b, inputs.guidance_scale, inputs.image_guidance_scale, text_mask)
+        noise = step_noise(inputs.keys, index, sample.shape[1:])
+        return scheduler.step(schedule, index, sample, eps, noise, previous_x0)
+
+    def mask_step(unet_params, inputs, foi_inputs, sample, previous_x0, index):
+        control = RecordCrossAttention(sizes=(mask_size,))
+        eps_3b, aux = three_branch_eps(unet_params, inputs, sample, index, control)
+        if not aux:
+            raise ValueError(f"the UNet has no cross-attention layer of size {mask_size} (mask_downsample)")
+        maps = mean_of_layers(aux)[: sample.shape[0]]  # the text+image branch
+        tau = jax.vmap(lambda key: foi.draw_tau(jax.random.fold_in(key, 2), cfg.tau))(inputs.keys)
+        masks = foi.extract_masks(
+            maps, foi_inputs.keyword_weights, foi_inputs.valid, tau, cfg.gamma, cfg.filter_size, cfg.filter_sigma
+        )
+        latents, x0 = guide_and_step(inputs, sample, previous_x0, index, eps_3b, masks)
+        return latents, x0, masks
+
+    def modulated_step(unet_params, inputs, foi_inputs, sample, previous_x0, masks, index):
+        run_index = index - first
+        control = foi.FoIModulation(
+            masks=masks,
+            owner=foi_inputs.owner,
+            token_alpha=foi_inputs.token_alpha,
+            xi_t=foi.xi(schedule.timesteps[index], train_steps),
+            active=cfg.modulation & (run_index < cfg.modulation_stop * steps_run),
+            outside_values=cfg.outside_values,
+        )
+        eps_3b, _ = three_branch_eps(unet_params, inputs, sample, index, control)
+        return guide_and_step(inputs, sample, previous_x0, index, eps_3b, masks)
+
+    batch, rep = PartitionSpec(DATA), PartitionSpec()
+    sharded_plain = jax.shard_map(
+        plain_step, mesh=mesh, in_specs=(rep, batch, batch, batch, rep), out_specs=(batch, batch)
+    )
+    sharded_mask = jax.shard_map(
+        mask_step, mesh=mesh, in_specs=(rep, batch, batch, batch, batch, rep), out_specs=(batch, batch, batch)
+    )
+    sharded_modulated = jax.shard_map(
+        modulated_step,
+        mesh=mesh,
+        in_specs=(rep, batch, batch, batch, batch, batch, rep),
+        out_specs=(batch, batch),
+    )
+
+    def report(index):
+        if progress is not None:
+            jax.debug.callback(progress, index - first + 1)
+
+    def sample(unet_params, inputs: SamplerInputs, foi_inputs: FoIInputs):
+        latents = start_latents(settings, schedule, inputs)
+        previous_x0 = jnp.zeros_like(latents)
+
+        def plain_body(carry, index):
+            carry = sharded_plain(unet_params, inputs, *carry, index)
+            report(index)
+            return carry, None
+
+        mask_index = first + cfg.mask_step
+        (latents, previous_x0), _ = jax.lax.scan(plain_body, (latents, previous_x0), jnp.arange(first, mask_index))
+        latents, previous_x0, masks = sharded_mask(unet_params, inputs, foi_inputs, latents, previous_x0, mask_index)
+        report(mask_index)
+
+        def modulated_body(carry, index):
+            carry = sharded_modulated(unet_params, inputs, foi_inputs, *carry, masks, index)
+            report(index)
+            return carry, None
+
+        rest = jnp.arange(mask_index + 1, settings.num_inference_steps)
+        (latents, _), _ = jax.lax.scan(modulated_body, (latents, previous_x0), rest)
+        return latents, masks
+
+    return jax.jit(sample)

@@ -97,3 +97,35 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
         ]
     )
     assert code == 1 and "error:" in capsys.readouterr().err
+
+
+def test_foi_compare_grid_and_keyword_errors(pipeline_dir, tmp_path, capsys):
+    write_image(tmp_path / "in.png", 64)
+    lines = [
+        {
+            "image": "in.png",
+            "out": "two.png",
+            "instructions": [
+                {"text": "make the sky blue", "keyword": "sky"},
+                {"text": "turn the cat red", "keyword": "cat", "alpha": 1.5},
+            ],
+        },
+        {"image": "in.png", "out": "bad.png", "instructions": [{"text": "make the sky blue", "keyword": "dog"}]},
+    ]
+    manifest = tmp_path / "foi.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines))
+    argv = ["--model", str(pipeline_dir), "--manifest", str(manifest), "--mask-downsample", "2", "--compare"]
+    code = sample.main(argv + FAST)
+    err = capsys.readouterr().err
+    assert code == 1 and "foi.jsonl:2: keyword 'dog' does not occur in sub-instruction 0" in err
+    assert not (tmp_path / "bad.png").exists()
+    # input | two masks | IP2P | FoI
+    assert Image.open(tmp_path / "two.compare.png").size == (5 * 64, 64)
+
+
+def test_keyword_count_must_match(capsys):
+    with pytest.raises(SystemExit):
+        sample.main(
+            ["--image", "a.png", "--out", "o.png", "--instruction", "a", "--instruction", "b", "--keyword", "a"]
+        )
+    assert "give one --keyword per --instruction (1 for 2)" in capsys.readouterr().err

@@ -89,6 +89,18 @@ EIGHT_DEVICES = textwrap.dedent(
     print(f"8 devices vs 1: max abs pixel difference {difference:.2e}")
     # One image per device instead of eight in one batch changes XLA's float32 summation order, nothing else.
     assert difference <= 1e-4, difference
+
+    from ip2p_jax.sampling import FoIConfig
+    subs = [[("make the sky blue", "sky")], [("make the sky blue", "sky"), ("turn the cat red", "cat"), ("add a hat",)]]
+    foi = dict(instructions=subs * 4, foi=FoIConfig(mask_downsample=2), **settings)
+    one = single(images, **foi)
+    eight = pipe(images, **foi)
+    difference = np.abs(one.images - eight.images).max()
+    print(f"FoI, 8 devices vs 1 (k = 1 and 3 mixed): max abs pixel difference {difference:.2e}")
+    assert difference <= 1e-4, difference
+    same_masks = sum(np.array_equal(a["latent"], b["latent"]) for a, b in zip(one.masks, eight.masks))
+    print(f"FoI masks equal on {same_masks} of 8 images")
+    assert same_masks == 8
     """
 )
 

@@ -70,6 +70,23 @@ class AttentionControl(struct.PyTreeNode):
         del layer
         return jax.nn.softmax(scores_bnqk, axis=-1), None
 
+    def attend(self, scores_bnqk: jax.Array, v_bknd: jax.Array, layer: LayerInfo) -> tuple[jax.Array, Any]:
+        """One layer's attention output: ``cross_attention``'s probabilities times the layer's values.
+
+        Override this instead of ``cross_attention`` when the output is not one probability matrix times the
+        branch's own values (FoI mixes the values of two guidance branches).
+
+        Args:
+          scores_bnqk: as in ``cross_attention``.
+          v_bknd: ``(B, K, heads, d)`` values of the text tokens.
+          layer: where the layer sits.
+
+        Returns:
+          ``(out_bqc, aux)``: ``(B, Q, heads * d)`` and the auxiliary pytree.
+        """
+        probs, aux = self.cross_attention(scores_bnqk, layer)
+        return combine_values(probs, v_bknd), aux
+
 
 class RecordCrossAttention(AttentionControl):
     """Records head-averaged cross-attention probabilities of the layers of chosen spatial sizes.
@@ -219,8 +236,7 @@ class CrossAttention(nn.Module):
         v = split_heads(_dense(channels, False, self.dtype, "to_v")(context_bkd), self.num_heads)
         scores = attention_scores(q, k)
         if control is None:
-            probs, aux = jax.nn.softmax(scores, axis=-1), None
+            out, aux = combine_values(jax.nn.softmax(scores, axis=-1), v), None
         else:
-            probs, aux = control.cross_attention(scores, self.layer)
-        out = combine_values(probs, v)
+            out, aux = control.attend(scores, v, self.layer)
         return _dense(channels, True, self.dtype, "to_out_0")(out), aux

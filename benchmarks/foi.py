@@ -1,0 +1,95 @@
+"""FoI's overhead: Focus on Your Instruction against plain IP2P, same model, steps, strength, batch and seed.
+
+Both run in our pipeline (no other implementation of FoI exists) on the random-weight models of
+``benchmarks/sample.py``, each in its own subprocess so that peak memory (max RSS) is its own; the time per image
+comes from a second, warm call. FoI edits with two sub-instructions.
+
+    python benchmarks/foi.py --model tiny
+    python benchmarks/foi.py --model sd15 --batch 4 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sample import MODELS, images, write_model  # noqa: E402
+
+SUBS = [("make it snow", "snow"), ("turn the sky red", "sky")]
+
+
+def worker(method: str, folder: str, batch: int, steps: int, size: int, mask_downsample: int) -> dict:
+    from ip2p_jax.pipeline import InstructPix2PixPipeline
+    from ip2p_jax.sampling import FoIConfig
+
+    pipe = InstructPix2PixPipeline.from_pretrained(folder)
+    pictures = images(batch, size)
+    common = dict(num_inference_steps=steps, output_type="np", progress=False)
+    prompt = ", ".join(text for text, _ in SUBS)
+    config = FoIConfig(mask_downsample=mask_downsample)
+
+    def run():
+        if method == "foi":
+            return pipe(pictures, instructions=[SUBS] * batch, foi=config, **common)
+        return pipe(pictures, [prompt] * batch, strength=0.8, **common)
+
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    return dict(seconds=seconds, compile_s=first - seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20, help="of the full schedule; strength 0.8 runs 80 %%")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument(
+        "--mask-downsample", type=int, help="default 4 (paper), 1 for tiny, whose UNet attends only at full size"
+    )
+    parser.add_argument("--worker", choices=("ip2p", "foi"), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mask_downsample is None:
+        args.mask_downsample = 1 if args.model == "tiny" else 4
+    if args.worker:
+        result = worker(args.worker, args.folder, args.batch, args.steps, args.size, args.mask_downsample)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        write_model(MODELS[args.model], folder)
+        results = {}
+        for method in ("ip2p", "foi"):
+            command = [sys.executable, __file__, "--worker", method, "--folder", str(folder)]
+            command += ["--batch", str(args.batch), "--steps", str(args.steps), "--size", str(args.size)]
+            command += ["--mask-downsample", str(args.mask_downsample)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{method} worker failed:\n{done.stderr[-4000:]}")
+            results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    ip2p, foi = results["ip2p"], results["foi"]
+    title = f"{args.model} architecture (random weights), {args.size} px, batch {args.batch}, {args.steps} steps"
+    print(f"# FoI (2 sub-instructions) vs IP2P, strength 0.8, {title}, float32")
+    print("| method | s/image | compile (s) | peak RSS (MiB) |")
+    print("|---|---|---|---|")
+    for name, r in (("IP2P", ip2p), ("FoI", foi)):
+        print(f"| {name} | {r['seconds'] / args.batch:.3f} | {r['compile_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+    print(f"\nFoI / IP2P time: {foi['seconds'] / ip2p['seconds']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
