@@ -42,3 +42,57 @@ def pad_batch(x, size: int):
         return x
     xp = jnp if isinstance(x, jax.Array) else np
     return xp.concatenate([x, xp.repeat(x[-1:], size - x.shape[0], axis=0)], axis=0)
+
+
+FSDP = "fsdp"
+
+
+def train_mesh(data: int | None = None, fsdp: int = 1, devices: list | None = None) -> Mesh:
+    """A ``("data", "fsdp")`` mesh: the batch splits over both axes, params and optimizer state over ``fsdp``.
+    ``data`` defaults to every device not used by ``fsdp``."""
+    devices = jax.devices() if devices is None else devices
+    data = len(devices) // fsdp if data is None else data
+    if data * fsdp != len(devices):
+        raise ValueError(f"a {data} x {fsdp} mesh needs {data * fsdp} devices, there are {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA, FSDP))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> PartitionSpec:
+    """Shards an array's largest axis that divides by ``fsdp`` over the ``fsdp`` axis; small or indivisible
+    arrays (norms, biases, scalars) stay replicated."""
+    if fsdp == 1 or not shape:
+        return PartitionSpec()
+    candidates = [axis for axis in np.argsort(shape)[::-1] if shape[axis] % fsdp == 0 and shape[axis] >= fsdp]
+    if not candidates or int(np.prod(shape)) < 1024:
+        return PartitionSpec()
+    spec = [None] * len(shape)
+    spec[int(candidates[0])] = FSDP
+    return PartitionSpec(*spec)
+
+
+def state_shardings(mesh: Mesh, abstract_tree):
+    """``NamedSharding`` for every array of a (params / optimizer) pytree under ``fsdp_spec``."""
+    fsdp = mesh.shape.get(FSDP, 1)
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp)), abstract_tree)
+
+
+def train_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The batch's leading axis over every device of a train mesh."""
+    axes = tuple(name for name in (DATA, FSDP) if name in mesh.shape)
+    return NamedSharding(mesh, PartitionSpec(axes))
+
+
+def maybe_initialize_distributed() -> bool:
+    """``jax.distributed.initialize()`` when the launcher asked for several processes (``JAX_COORDINATOR_ADDRESS``
+    / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or a cluster JAX detects itself, such as a TPU pod slice);
+    returns whether it did."""
+    import os
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+        return True
+    return False

@@ -1,0 +1,1 @@
+"""Training data: a synthetic stream for smoke runs (``synthetic.py``)."""
