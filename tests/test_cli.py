@@ -21,19 +21,6 @@ def write_image(path, size):
 FAST = ["--steps", "2", "--scheduler", "euler"]
 
 
-def test_single_edit_writes_image_and_grid(pipeline_dir, tmp_path):
-    image = write_image(tmp_path / "in.png", 64)
-    out = tmp_path / "out" / "edited.png"
-    code = sample.main(
-        ["--model", str(pipeline_dir), "--image", str(image), "--instruction", "make it red", "--out", str(out)]
-        + FAST
-        + ["--grid"]
-    )
-    assert code == 0
-    assert Image.open(out).size == (64, 64)
-    assert Image.open(out.with_suffix(".grid.png")).size == (128, 64)
-
-
 def test_manifest_skips_bad_items_and_runs_the_rest(pipeline_dir, tmp_path, capsys):
     write_image(tmp_path / "good.png", 64)
     write_image(tmp_path / "wide.png", 72)
@@ -51,10 +38,11 @@ def test_manifest_skips_bad_items_and_runs_the_rest(pipeline_dir, tmp_path, caps
     manifest = tmp_path / "edits.jsonl"
     manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
     with pytest.warns(UserWarning, match="CLIP reads 77: truncated"):
-        code = sample.main(["--model", str(pipeline_dir), "--manifest", str(manifest)] + FAST)
+        code = sample.main(["--model", str(pipeline_dir), "--manifest", str(manifest), "--grid"] + FAST)
     err = capsys.readouterr().err
     assert code == 1
     assert Image.open(tmp_path / "a.png").size == (64, 64) and Image.open(tmp_path / "b.png").size == (72, 72)
+    assert Image.open(tmp_path / "a.grid.png").size == (128, 64)  # input | output
     assert not any((tmp_path / name).exists() for name in ("c.png", "d.png", "e.png", "f.png", "g.png"))
     for message in (
         "edits.jsonl:3: image " + str(tmp_path / "missing.png") + " does not exist",
@@ -99,28 +87,26 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert code == 1 and "error:" in capsys.readouterr().err
 
 
-def test_foi_compare_grid_and_keyword_errors(pipeline_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_foi_edit_from_the_command_line_with_a_comparison_grid(pipeline_dir, tmp_path):
+    image = write_image(tmp_path / "in.png", 64)
+    out = tmp_path / "out" / "edited.png"
+    argv = ["--model", str(pipeline_dir), "--image", str(image), "--out", str(out), "--mask-downsample", "2"]
+    argv += ["--instruction", "make the sky blue", "--keyword", "sky"]
+    argv += ["--instruction", "turn the cat red", "--keyword", "cat", "--alpha", "1", "--alpha", "1.5"]
+    assert sample.main(argv + FAST + ["--compare"]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert Image.open(out.with_suffix(".compare.png")).size == (5 * 64, 64)  # input | two masks | IP2P | FoI
+
+
+def test_foi_keyword_errors_are_reported_per_item(pipeline_dir, tmp_path, capsys):
     write_image(tmp_path / "in.png", 64)
-    lines = [
-        {
-            "image": "in.png",
-            "out": "two.png",
-            "instructions": [
-                {"text": "make the sky blue", "keyword": "sky"},
-                {"text": "turn the cat red", "keyword": "cat", "alpha": 1.5},
-            ],
-        },
-        {"image": "in.png", "out": "bad.png", "instructions": [{"text": "make the sky blue", "keyword": "dog"}]},
-    ]
+    line = {"image": "in.png", "out": "bad.png", "instructions": [{"text": "make the sky blue", "keyword": "dog"}]}
     manifest = tmp_path / "foi.jsonl"
-    manifest.write_text("\n".join(json.dumps(line) for line in lines))
-    argv = ["--model", str(pipeline_dir), "--manifest", str(manifest), "--mask-downsample", "2", "--compare"]
-    code = sample.main(argv + FAST)
-    err = capsys.readouterr().err
-    assert code == 1 and "foi.jsonl:2: keyword 'dog' does not occur in sub-instruction 0" in err
+    manifest.write_text(json.dumps(line) + "\n")
+    code = sample.main(["--model", str(pipeline_dir), "--manifest", str(manifest)] + FAST)
+    assert code == 1 and "foi.jsonl:1: keyword 'dog' does not occur in sub-instruction 0" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
-    # input | two masks | IP2P | FoI
-    assert Image.open(tmp_path / "two.compare.png").size == (5 * 64, 64)
 
 
 def test_keyword_count_must_match(capsys):

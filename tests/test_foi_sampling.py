@@ -99,6 +99,7 @@ def test_inactive_modulation_is_the_plain_model(pipe):
     np.testing.assert_allclose(np.asarray(eps), np.asarray(plain), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_batch_mixes_one_and_three_sub_instructions(pipe, image):
     other = Image.fromarray(np.random.RandomState(4).randint(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
     one = [("make the sky blue", "sky")]
