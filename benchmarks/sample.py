@@ -21,18 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from unet import SD15_UNET  # the same SD 1.5 UNet as benchmarks/unet.py (benchmarks/ is on sys.path)
+
 SD15 = dict(
-    unet=dict(
-        in_channels=8,
-        out_channels=4,
-        block_out_channels=[320, 640, 1280, 1280],
-        layers_per_block=2,
-        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        sample_size=32,
-    ),
+    unet=dict(SD15_UNET, sample_size=32),
     vae=dict(
         block_out_channels=[128, 256, 512, 512],
         down_block_types=["DownEncoderBlock2D"] * 4,

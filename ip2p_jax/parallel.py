@@ -6,6 +6,8 @@ embarrassingly parallel: every device runs the whole sampler on its share of the
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,8 +88,6 @@ def maybe_initialize_distributed() -> bool:
     """``jax.distributed.initialize()`` when the launcher asked for several processes (``JAX_COORDINATOR_ADDRESS``
     / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or a cluster JAX detects itself, such as a TPU pod slice);
     returns whether it did."""
-    import os
-
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
