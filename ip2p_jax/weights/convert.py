@@ -4,13 +4,14 @@ Our modules are named after diffusers' and transformers' (``down_blocks.0.resnet
 ``down_blocks_0/resnets_1/conv1/kernel``): a PyTorch key becomes a Flax path by joining each numeric part to the
 part before it. Layouts change on the way: a convolution's ``(O, I, kh, kw)`` becomes ``(kh, kw, I, O)``, a
 linear layer's ``(O, I)`` becomes ``(I, O)`` (a 1x1 convolution feeding one of our Dense layers too), a norm's
-``weight`` is its ``scale`` and an embedding's ``weight`` its ``embedding``.
+``weight`` is its ``scale`` and an embedding's ``weight`` its ``embedding``. A bare ``nn.Parameter`` (CLIP's
+``class_embedding`` and ``logit_scale``) has no ``.weight`` suffix: the caller names those in ``bare_parameters``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import jax
 import numpy as np
@@ -60,11 +61,16 @@ def convert_state_dict(
     *,
     what: str,
     rename: Callable[[str], str] = lambda key: key,
+    bare_parameters: Collection[str] = (),
 ) -> dict:
     """Builds the Flax params for ``expected_params`` (a tree of arrays or ``jax.ShapeDtypeStruct``) from a
     PyTorch state dict. Every expected tensor must be present with the right shape and every checkpoint tensor
     used, else ``CheckpointError`` lists all the problems at once; nothing is returned half converted.
+
+    ``bare_parameters`` are the (renamed) PyTorch keys of parameters that are not a layer's ``weight``/``bias``
+    but a bare ``nn.Parameter`` (``"logit_scale"``): the Flax leaf of the same path holds them as they are.
     """
+    bare = {flax_path(key) for key in bare_parameters}
     by_path: dict[tuple[str, ...], tuple[str, np.ndarray]] = {}
     for key, tensor in state_dict.items():
         if not IGNORED_KEYS.search(key):
@@ -73,7 +79,7 @@ def convert_state_dict(
     params, missing, misshapen = {}, [], []
     for path, spec in expected_flat.items():
         leaf = path[-1]
-        torch_path = path[:-1] + ("bias" if leaf == "bias" else "weight",)
+        torch_path = path if path in bare else path[:-1] + ("bias" if leaf == "bias" else "weight",)
         found = by_path.pop(torch_path, None)
         torch_key = ".".join(torch_path)
         if found is None:
