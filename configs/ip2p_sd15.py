@@ -11,8 +11,15 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # diffusers folder or hub id
     config.init_from = "sd"  # expand the 4-channel SD UNet to 8 channels
-    config.data = "synthetic"  # the TFDS builders are not in this version
-    config.resolution = 256
+    config.data = "ip2p_original"  # TFDS: "ip2p_original" (released layout), "ip2p_manifest", or "synthetic"
+    config.data_dir = ""  # TFDS data_dir ("" = TFDS's default)
+    config.manual_dir = ""  # the released data set's folder (seeds.json), built into TFDS the first time
+    config.split = "train"
+    config.resolution = 256  # the crop
+    config.resize_min = 256
+    config.resize_max = 288
+    config.flip_prob = 0.5
+    config.shuffle_buffer = 1000
     config.global_batch_size = 1024
     config.accumulation = 1  # raise it when 1024 images do not fit the devices at once
     config.steps = 10_000
@@ -26,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 50
     config.save_every = 1000
     config.keep_checkpoints = 3
+    config.sample_every = 1000  # sample edits of the first batch's images with the EMA UNet (0: never)
+    config.sample_count = 4
+    config.sample_steps = 50
     config.dtype = "bfloat16"
     config.lock()
     return config

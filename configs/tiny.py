@@ -10,8 +10,15 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = "tiny"  # a random model built in code; or a diffusers folder / hub id
     config.init_from = "ip2p"  # "ip2p": an 8-channel IP2P UNet; "sd": a 4-channel SD UNet expanded to 8
-    config.data = "synthetic"
-    config.resolution = 32
+    config.data = "synthetic"  # or a TFDS editing data set: "ip2p_original" / "ip2p_manifest"
+    config.data_dir = ""  # TFDS data_dir ("" = TFDS's default)
+    config.manual_dir = ""  # the source folder a TFDS data set is built from the first time
+    config.split = "train"
+    config.resolution = 32  # the crop
+    config.resize_min = 32
+    config.resize_max = 36
+    config.flip_prob = 0.5
+    config.shuffle_buffer = 256
     config.global_batch_size = 8
     config.accumulation = 1
     config.steps = 60
@@ -25,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 10
     config.save_every = 30
     config.keep_checkpoints = 2
+    config.sample_every = 0  # sample edits of the first batch's images with the EMA UNet (0: never)
+    config.sample_count = 4
+    config.sample_steps = 20
     config.dtype = "float32"
     config.lock()
     return config

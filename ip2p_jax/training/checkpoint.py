@@ -39,3 +39,21 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     )
     return restored["state"], restored["meta"]
+
+
+def restore_unet_weights(directory: str | os.PathLike, step: int | None = None) -> tuple[dict, dict, int]:
+    """``({"params": ..., "ema_params": ...}, meta, step)`` of checkpoint ``step`` (default: the latest) as NumPy
+    arrays on the host, without knowing the optimizer that wrote it. Raises ``FileNotFoundError``."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in {directory}")
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"))
+    steps = manager.all_steps()
+    if step is None and steps:
+        step = max(steps)
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint {step} in {directory} (there are {sorted(steps)})")
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
+    state = {name: jax.device_get(restored["state"][name]) for name in ("params", "ema_params")}
+    return state, restored["meta"], step

@@ -1,0 +1,168 @@
+"""Flax parameter trees -> diffusers-layout folders that diffusers / transformers (PyTorch) and our loaders read.
+
+The inverse of ``convert.py``: a Flax path becomes a PyTorch key (``down_blocks_0/resnets_1/conv1/kernel`` ->
+``down_blocks.0.resnets.1.conv1.weight``), kernels go back to PyTorch layouts (a convolution's ``(kh, kw, I, O)``
+to ``(O, I, kh, kw)``, a linear layer's ``(I, O)`` to ``(O, I)``, a Dense that PyTorch keeps as a 1x1 convolution
+to ``(O, I, 1, 1)``), ``scale`` and ``embedding`` to ``weight``. Weights are written as float32 safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import save_file
+
+from ip2p_jax.weights.files import resolve_folder
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
+# Module names that end in ``_<digits>`` in PyTorch too (diffusers' TimestepEmbedding); every other such Flax
+# name is a list entry (``down_blocks_0`` is ``down_blocks.0``).
+_NAMES_WITH_DIGITS = frozenset({"linear_1", "linear_2"})
+_LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """``("down_blocks_0", "resnets_1", "conv1", "kernel")`` -> ``"down_blocks.0.resnets.1.conv1.weight"``."""
+    parts = []
+    for part in path[:-1]:
+        match = _LIST_ENTRY.match(part)
+        parts.extend(match.groups() if match and part not in _NAMES_WITH_DIGITS else (part,))
+    parts.append("bias" if path[-1] == "bias" else "weight")
+    return ".".join(parts)
+
+
+def torch_state_dict(
+    params: Mapping, *, is_conv_1x1: Callable[[str], bool] = lambda key: False, strip_prefix: str = ""
+) -> dict[str, np.ndarray]:
+    """A PyTorch state dict (float32 NumPy arrays) for a Flax parameter tree. ``is_conv_1x1(key)`` names the
+    linear maps PyTorch keeps as 1x1 convolutions; ``strip_prefix`` is removed from the front of every key."""
+    state = {}
+    for path, value in traverse_util.flatten_dict(dict(params)).items():
+        key = torch_key(path)
+        if strip_prefix and key.startswith(strip_prefix):
+            key = key[len(strip_prefix) :]
+        tensor = np.asarray(value, np.float32)
+        if path[-1] == "kernel" and tensor.ndim == 4:
+            tensor = tensor.transpose(3, 2, 0, 1)
+        elif path[-1] == "kernel" and tensor.ndim == 2:
+            tensor = tensor.T
+            if is_conv_1x1(key):
+                tensor = tensor[:, :, None, None]
+        state[key] = np.ascontiguousarray(tensor)
+    return state
+
+
+def unet_conv_1x1(config: Mapping[str, Any]) -> Callable[[str], bool]:
+    """The UNet's 1x1 convolutions that are Dense layers here: the transformers' ``proj_in`` / ``proj_out`` unless
+    the config says ``use_linear_projection`` (SD 2.x)."""
+    if config.get("use_linear_projection", False):
+        return lambda key: False
+    pattern = re.compile(r"attentions\.\d+\.proj_(in|out)\.weight$")
+    return lambda key: bool(pattern.search(key))
+
+
+def save_component(
+    folder: str | Path,
+    params: Mapping,
+    config: Mapping[str, Any],
+    weights_name: str,
+    *,
+    is_conv_1x1: Callable[[str], bool] = lambda key: False,
+    strip_prefix: str = "",
+) -> Path:
+    """Writes ``folder/config.json`` and ``folder/<weights_name>`` (float32 safetensors). Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = torch_state_dict(params, is_conv_1x1=is_conv_1x1, strip_prefix=strip_prefix)
+    save_file(state, str(folder / weights_name), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def save_unet(folder: str | Path, params: Mapping, config: Mapping[str, Any]) -> Path:
+    """A diffusers ``UNet2DConditionModel`` folder; ``config`` is its diffusers config dict."""
+    config = {"_class_name": "UNet2DConditionModel", **config}
+    return save_component(folder, params, config, DIFFUSERS_WEIGHTS, is_conv_1x1=unet_conv_1x1(config))
+
+
+def save_vae(folder: str | Path, params: Mapping, config: Mapping[str, Any]) -> Path:
+    """A diffusers ``AutoencoderKL`` folder; ``config`` is its diffusers config dict."""
+    return save_component(folder, params, {"_class_name": "AutoencoderKL", **config}, DIFFUSERS_WEIGHTS)
+
+
+def save_text_encoder(folder: str | Path, params: Mapping, config: Mapping[str, Any]) -> Path:
+    """A transformers ``CLIPTextModel`` folder (keys without ``text_model.``, as transformers v5 writes them)."""
+    config = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **config}
+    return save_component(folder, params, config, TRANSFORMERS_WEIGHTS, strip_prefix="text_model.")
+
+
+def ip2p_scheduler_config(beta_start: float, beta_end: float, beta_schedule: str, num_train_timesteps: int) -> dict:
+    """The released InstructPix2Pix scheduler (Euler ancestral) over the noise schedule the UNet was trained with."""
+    return {
+        "_class_name": "EulerAncestralDiscreteScheduler",
+        "beta_start": beta_start,
+        "beta_end": beta_end,
+        "beta_schedule": beta_schedule,
+        "num_train_timesteps": num_train_timesteps,
+        "prediction_type": "epsilon",
+        "steps_offset": 1,
+        "trained_betas": None,
+    }
+
+
+def write_scheduler(folder: str | Path, config: Mapping[str, Any]) -> None:
+    """``folder/scheduler_config.json``."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "scheduler_config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
+
+
+def write_model_index(folder: str | Path) -> None:
+    """``model_index.json`` of a ``StableDiffusionInstructPix2PixPipeline`` without safety checker."""
+    index = {
+        "_class_name": "StableDiffusionInstructPix2PixPipeline",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_ip2p(
+    out: str | Path,
+    unet_params: Mapping,
+    source: str | Path,
+    scheduler_config: Mapping[str, Any],
+    *,
+    revision: str | None = None,
+) -> Path:
+    """Writes an InstructPix2Pix pipeline folder: the UNet from ``unet_params`` (8 input channels) with
+    ``source``'s UNet config, and ``source``'s VAE, text encoder and tokenizer copied unchanged (they are frozen in
+    training); ``source`` is the diffusers folder or hub id training started from. Refuses a non-empty ``out``.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; export into a new folder")
+    unet_folder = resolve_folder(source, "unet", weights_name=DIFFUSERS_WEIGHTS, revision=revision)
+    unet_config = json.loads((unet_folder / "config.json").read_text())
+    unet_config["in_channels"] = int(np.shape(unet_params["conv_in"]["kernel"])[2])
+    out.mkdir(parents=True, exist_ok=True)
+    save_unet(out / "unet", unet_params, unet_config)
+    for component, weights in (("vae", DIFFUSERS_WEIGHTS), ("text_encoder", TRANSFORMERS_WEIGHTS), ("tokenizer", None)):
+        folder = resolve_folder(source, component, weights_name=weights, revision=revision)
+        shutil.copytree(folder, out / component, ignore=shutil.ignore_patterns("*.bin", "*.fp16.*", "*.ckpt"))
+    write_scheduler(out / "scheduler", scheduler_config)
+    write_model_index(out)
+    return out
