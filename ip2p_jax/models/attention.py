@@ -11,8 +11,10 @@ layer's name:
     eps, aux = unet.apply({"params": params}, x, t, context, control=RecordCrossAttention(sizes=((16, 16),)))
     aux["down_blocks.1.attentions.0.transformer_blocks.0.attn2"]  # (B, 16, 16, T) head-averaged maps
 
-Self-attention, which no control needs, takes the fused ``jax.nn.dot_product_attention`` path on accelerators
-(and a tiled loop of plain matmuls on CPU, where XLA runs that form much faster).
+Self-attention takes the fused ``jax.nn.dot_product_attention`` path on accelerators (and a tiled loop of plain
+matmuls on CPU, where XLA runs that form much faster). A control may opt in to self-attention layer by layer
+(``controls_self_attention``); it then receives the layer's queries, keys and values (``self_attention``), e.g. to
+share one image's self-attention with another (Prompt-to-Prompt). Layers no control asks for keep the fused path.
 """
 
 from __future__ import annotations
@@ -86,6 +88,39 @@ class AttentionControl(struct.PyTreeNode):
         """
         probs, aux = self.cross_attention(scores_bnqk, layer)
         return combine_values(probs, v_bknd), aux
+
+    def controls_self_attention(self, layer: LayerInfo) -> bool:
+        """Whether ``self_attention`` computes this self-attention layer (an opt-in; the default is no layer).
+
+        Decided at trace time from static settings; layers answered ``False`` take the fused path untouched.
+
+        Args:
+          layer: the self-attention layer's place (its name ends in ``attn1``; ``size`` is its spatial size).
+        """
+        del layer
+        return False
+
+    def self_attention(
+        self, q_bqnd: jax.Array, k_bknd: jax.Array, v_bknd: jax.Array, layer: LayerInfo
+    ) -> tuple[jax.Array, Any]:
+        """One opted-in self-attention layer's output, before its output projection.
+
+        The default is the plain attention through ``dot_product_attention`` (the fused path). A control may
+        exchange queries, keys or values between images of the batch and still call ``dot_product_attention``,
+        or compute ``attention_scores`` / softmax / ``combine_values`` itself when it needs the probabilities.
+
+        Args:
+          q_bqnd, k_bknd, v_bknd: ``(B, Q, heads, d)`` projections of the layer's ``Q = h * w`` positions
+            (row-major over the layer's ``(h, w)`` grid); keys and values have the same positions.
+          layer: where the layer sits.
+
+        Returns:
+          ``(out_bqc, aux)``: ``(B, Q, heads * d)`` and an auxiliary pytree returned from the UNet under
+          ``layer.name``, or ``None``.
+        """
+        del layer
+        out = dot_product_attention(q_bqnd, k_bknd, v_bknd)
+        return out.reshape(out.shape[0], out.shape[1], -1), None
 
 
 class RecordCrossAttention(AttentionControl):
@@ -188,29 +223,43 @@ def dot_product_attention(q_btnd: jax.Array, k_bsnd: jax.Array, v_bsnd: jax.Arra
     return jax.nn.dot_product_attention(q_btnd, k_bsnd, v_bsnd)
 
 
+def _self_projections(x_btc: jax.Array, num_heads: int, qkv_bias: bool, dtype: Any) -> list[jax.Array]:
+    """``to_q``, ``to_k``, ``to_v`` of the calling module applied to ``x``, each split into heads."""
+    channels = x_btc.shape[-1]
+    return [split_heads(_dense(channels, qkv_bias, dtype, name)(x_btc), num_heads) for name in ("to_q", "to_k", "to_v")]
+
+
 def fused_self_attention(x_btc: jax.Array, num_heads: int, qkv_bias: bool, dtype: Any) -> jax.Array:
     """Multi-head self-attention ``(B, T, C) -> (B, T, C)`` through ``dot_product_attention``.
 
     Call it inside a compact method: it creates ``to_q``, ``to_k``, ``to_v`` (with biases if ``qkv_bias``, as
     in the VAE) and ``to_out_0`` in the calling module, as diffusers' ``Attention`` names them.
     """
-    channels = x_btc.shape[-1]
-    q, k, v = (
-        split_heads(_dense(channels, qkv_bias, dtype, name)(x_btc), num_heads) for name in ("to_q", "to_k", "to_v")
-    )
+    q, k, v = _self_projections(x_btc, num_heads, qkv_bias, dtype)
     out = dot_product_attention(q, k, v).reshape(x_btc.shape)
-    return _dense(channels, True, dtype, "to_out_0")(out)
+    return _dense(x_btc.shape[-1], True, dtype, "to_out_0")(out)
 
 
 class SelfAttention(nn.Module):
-    """The UNet's self-attention (``attn1``): no control, the fused path, no q/k/v biases."""
+    """The UNet's self-attention (``attn1``), no q/k/v biases: the fused path unless the control opts in.
+
+    Attributes:
+      num_heads: heads; the head size is ``C // num_heads``.
+      layer: this layer's place, handed to the control (static); ``None`` never offers the layer to a control.
+    """
 
     num_heads: int
+    layer: LayerInfo | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btc: jax.Array) -> jax.Array:
-        return fused_self_attention(x_btc, self.num_heads, False, self.dtype)
+    def __call__(self, x_btc: jax.Array, control: AttentionControl | None = None) -> tuple[jax.Array, Any]:
+        """``(B, T, C)`` -> ``((B, T, C), aux or None)``."""
+        if control is None or self.layer is None or not control.controls_self_attention(self.layer):
+            return fused_self_attention(x_btc, self.num_heads, False, self.dtype), None
+        q, k, v = _self_projections(x_btc, self.num_heads, False, self.dtype)
+        out, aux = control.self_attention(q, k, v, self.layer)
+        return _dense(x_btc.shape[-1], True, self.dtype, "to_out_0")(out), aux
 
 
 class CrossAttention(nn.Module):

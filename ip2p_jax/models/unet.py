@@ -1,9 +1,10 @@
 """The Stable Diffusion UNet (diffusers' ``UNet2DConditionModel``) in Flax linen, NHWC.
 
 Parameter names mirror diffusers' module paths (``down_blocks.1.attentions.0`` -> ``down_blocks_1/attentions_0``)
-so that checkpoints convert by name. The call returns ``(eps, aux)``: ``aux`` maps the name of every
-cross-attention layer for which the attention control returned something to that value (``{}`` without a
-control). See ``models/attention.py`` for the control interface.
+so that checkpoints convert by name. The call returns ``(eps, aux)``: ``aux`` maps the name of every attention
+layer for which the attention control returned something to that value (``{}`` without a control): cross-attention
+layers (``...attn2``), and self-attention layers (``...attn1``) where the control opts in. See
+``models/attention.py`` for the control interface.
 """
 
 from __future__ import annotations
@@ -180,10 +181,15 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention, cross-attention and feed-forward, each pre-normed with LayerNorm and residual."""
+    """Self-attention, cross-attention and feed-forward, each pre-normed with LayerNorm and residual.
+
+    Returns ``(x, aux)`` with ``aux`` mapping ``self_layer.name`` / ``layer.name`` to what the control returned for
+    the self- / cross-attention layer (absent when it returned ``None``).
+    """
 
     num_heads: int
     layer: LayerInfo
+    self_layer: LayerInfo | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -193,10 +199,18 @@ class BasicTransformerBlock(nn.Module):
                 epsilon=1e-5, use_fast_variance=False, dtype=self.dtype, param_dtype=jnp.float32, name=name
             )
 
-        x_btc = x_btc + SelfAttention(self.num_heads, dtype=self.dtype, name="attn1")(norm("norm1")(x_btc))
-        out, aux = CrossAttention(self.num_heads, self.layer, dtype=self.dtype, name="attn2")(
+        aux = {}
+        out, self_aux = SelfAttention(self.num_heads, self.self_layer, dtype=self.dtype, name="attn1")(
+            norm("norm1")(x_btc), control
+        )
+        if self_aux is not None:
+            aux[self.self_layer.name] = self_aux
+        x_btc = x_btc + out
+        out, cross_aux = CrossAttention(self.num_heads, self.layer, dtype=self.dtype, name="attn2")(
             norm("norm2")(x_btc), context_bkd, control
         )
+        if cross_aux is not None:
+            aux[self.layer.name] = cross_aux
         x_btc = x_btc + out
         x_btc = x_btc + FeedForward(self.dtype, name="ff")(norm("norm3")(x_btc))
         return x_btc, aux
@@ -236,19 +250,22 @@ class Transformer2DModel(nn.Module):
         h = h.reshape(batch, height * width, channels)
         aux = {}
         for i in range(self.num_layers):
-            layer = LayerInfo(
-                name=f"{self.place.prefix()}.attentions.{self.attention_index}.transformer_blocks.{i}.attn2",
-                block=self.place.block,
-                block_index=self.place.block_index,
-                level=self.place.level,
-                size=(height, width),
-                num_heads=self.num_heads,
+            prefix = f"{self.place.prefix()}.attentions.{self.attention_index}.transformer_blocks.{i}"
+            layer, self_layer = (
+                LayerInfo(
+                    name=f"{prefix}.{module}",
+                    block=self.place.block,
+                    block_index=self.place.block_index,
+                    level=self.place.level,
+                    size=(height, width),
+                    num_heads=self.num_heads,
+                )
+                for module in ("attn2", "attn1")
             )
-            h, layer_aux = BasicTransformerBlock(self.num_heads, layer, self.dtype, name=f"transformer_blocks_{i}")(
-                h, context_bkd, control
-            )
-            if layer_aux is not None:
-                aux[layer.name] = layer_aux
+            h, layer_aux = BasicTransformerBlock(
+                self.num_heads, layer, self_layer, self.dtype, name=f"transformer_blocks_{i}"
+            )(h, context_bkd, control)
+            aux.update(layer_aux)
         h = nn.Dense(channels, dtype=self.dtype, param_dtype=jnp.float32, name="proj_out")(h)
         return x_bhwc + h.reshape(batch, height, width, channels), aux
 
