@@ -8,6 +8,9 @@ The guidance batch is laid out ``[branch, image]`` with the branches in the refe
 
 FoI's decoupled guidance (paper 4.3) lives in ``ip2p_jax.foi`` next to the other FoI formulas and calls
 ``dual_guidance`` here with a mask.
+
+Plain Stable Diffusion (text-to-image, IP2P's data generation) has two branches, ``[text, none]`` (the prompt's
+context, then the null text's), combined by ``classifier_free_guidance``.
 """
 
 from __future__ import annotations
@@ -48,3 +51,18 @@ def dual_guidance(
     if text_mask_bhw1 is not None:
         text_term = text_term * text_mask_bhw1
     return e_none + s_i * (e_img - e_none) + text_term
+
+
+def classifier_free_guidance(eps_2bhwc: jax.Array, guidance_scale: jax.Array | float) -> jax.Array:
+    """Classifier-free guidance ``e_none + s (e_text - e_none)`` (Ho & Salimans; diffusers' Stable Diffusion).
+
+    Args:
+      eps_2bhwc: ``(2, B, H, W, C)`` predictions of the ``[text, none]`` branches.
+      guidance_scale: ``s``, scalar or ``(B,)``.
+
+    Returns:
+      ``(B, H, W, C)`` float32.
+    """
+    e_text, e_none = (e.astype(jnp.float32) for e in eps_2bhwc)
+    scale = jnp.reshape(jnp.asarray(guidance_scale, jnp.float32), (-1, 1, 1, 1))
+    return e_none + scale * (e_text - e_none)
