@@ -1,0 +1,582 @@
+"""InstructPix2Pix's training data (paper 3.1.2): caption triples -> filtered Prompt-to-Prompt image pairs.
+
+For each triple ``{"input", "edit", "output"}`` (input caption, instruction, edited caption) of a JSONL file, ``N``
+candidate pairs are generated with Stable Diffusion and Prompt-to-Prompt (``text_to_image``), each with its own
+seed, shared-attention fraction ``p ~ U(0.1, 0.9)`` and guidance scale ``~ U(7.5, 15)`` (the reference's
+``generate_img_dataset.py``), batched over the device mesh across triples. Each pair is scored with CLIP as the
+reference's ``ClipSimilarity`` does (``metrics.edit_similarities`` on ``clip_preprocess.ip2p_pixel_values``) and
+kept when
+
+    cos(image_0, input caption) >= 0.2 and cos(image_1, output caption) >= 0.2     (image-caption)
+    directional similarity >= 0.2 and cos(image_0, image_1) >= 0.7                 (change, consistency)
+
+and among the best ``max_kept`` (4) of its triple by directional similarity. The output is the released data
+set's layout, which ``ip2p_jax.data.edit_datasets``' ``ip2p_original`` builder reads::
+
+    OUT/seeds.json                     [[NAME, [seed, ...]], ...] for every triple that kept a pair, by name
+    OUT/NAME/prompt.json               {"edit", "input", "output"}
+    OUT/NAME/{seed}_0.jpg, {seed}_1.jpg    input and edited image (JPEG, quality 100)
+    OUT/NAME/metadata.jsonl            one line per kept seed: p2p_threshold, cfg_scale, the four CLIP scores
+    OUT/NAME/scores.jsonl              the same for every candidate, with "kept"
+    OUT/generation.json                the settings that decide the pictures
+
+``NAME`` is the triple's 0-based line number, 7 digits (the reference's). ``metadata.jsonl`` is written last (an
+atomic rename): a folder that has it is finished, and a rerun skips it. A seed gives a candidate's noise, ``p``
+and guidance scale, so a rerun produces the same pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from ip2p_jax.clip_preprocess import ip2p_pixel_values
+from ip2p_jax.metrics import directional_similarity, image_similarity, text_image_similarity
+from ip2p_jax.models.clip import CLIPModel
+from ip2p_jax.parallel import batch_sharded, data_mesh, pad_batch, padded_size, replicated
+from ip2p_jax.prompt_to_prompt import AlignmentError, TokenAlignment, align_prompts
+from ip2p_jax.random_models import TextToImageModels, tiny_clip, tiny_text_to_image
+from ip2p_jax.text_to_image import (
+    PromptToPromptInputs,
+    PromptToPromptSettings,
+    TextToImageSettings,
+    make_prompt_to_prompt_sampler,
+)
+from ip2p_jax.tokenizer import tokenize
+
+TRIPLE_KEYS = ("input", "edit", "output")
+SCORE_NAMES = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")  # the reference's metadata keys
+FINISHED = "metadata.jsonl"
+SETTINGS_FILE = "generation.json"
+# Config keys that change the pictures or the selection; a rerun into the same folder must not change them.
+RESULT_SETTINGS = (
+    "model",
+    "clip",
+    "resolution",
+    "steps",
+    "scheduler",
+    "samples_per_triple",
+    "max_kept",
+    "p2p_min",
+    "p2p_max",
+    "cfg_min",
+    "cfg_max",
+    "clip_threshold",
+    "clip_dir_threshold",
+    "clip_img_threshold",
+    "alignment",
+    "cross_attention",
+    "self_attention",
+    "self_attention_max_size",
+    "seed",
+    "dtype",
+)
+
+
+class TripleError(ValueError):
+    """A triple that cannot be generated: not a JSON object, a missing or empty caption, a caption over 77
+    tokens, captions that do not align as asked."""
+
+
+# ---------------------------------------------------------------------------------------------- triples
+
+
+@dataclasses.dataclass(frozen=True)
+class Triple:
+    """One line of the triples file.
+
+    Attributes:
+      index: 0-based line number (blank lines count).
+      input, edit, output: input caption, instruction, edited caption.
+    """
+
+    index: int
+    input: str
+    edit: str
+    output: str
+
+    @property
+    def name(self) -> str:
+        """The triple's folder, as the reference names it."""
+        return f"{self.index:07d}"
+
+
+def parse_triple(index: int, line: str) -> Triple:
+    """One JSONL line -> ``Triple``; raises ``TripleError`` naming what is wrong."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise TripleError(f"not JSON ({error})") from error
+    if not isinstance(record, dict):
+        raise TripleError(f"not a JSON object: {type(record).__name__}")
+    missing = [key for key in TRIPLE_KEYS if key not in record]
+    if missing:
+        raise TripleError(f"missing {missing}")
+    for key in TRIPLE_KEYS:
+        if not isinstance(record[key], str) or not record[key].strip():
+            raise TripleError(f"{key!r} is not a non-empty string: {record[key]!r}")
+    return Triple(index, record["input"], record["edit"], record["output"])
+
+
+def read_triples(path: str | os.PathLike) -> tuple[list[Triple], list[tuple[int, str]]]:
+    """The triples of a JSONL file and the bad lines as ``(line number (1-based), reason)``; blank lines are
+    skipped silently."""
+    triples, errors = [], []
+    with open(path) as lines:
+        for index, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                triples.append(parse_triple(index, line))
+            except TripleError as error:
+                errors.append((index + 1, str(error)))
+    return triples, errors
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One candidate pair of a triple: its seed, ``p``, guidance scale, and (once generated) scores and images.
+
+    Attributes:
+      scores: ``SCORE_NAMES`` -> float.
+      images: ``(2, H, W, 3)`` uint8, the input and edited image (dropped once the candidate cannot be kept).
+    """
+
+    seed: int
+    p2p_threshold: float
+    cfg_scale: float
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)
+    images: np.ndarray | None = None
+
+    def record(self, **extra) -> dict:
+        return dict(seed=self.seed, p2p_threshold=self.p2p_threshold, cfg_scale=self.cfg_scale, **self.scores, **extra)
+
+
+def candidate_seeds(base_seed: int, triple_index: int, count: int) -> list[int]:
+    """``count`` distinct 32-bit seeds of a triple, a function of ``(base_seed, triple_index)`` only."""
+    rng = np.random.default_rng([base_seed, triple_index])
+    seeds: dict[int, None] = {}
+    while len(seeds) < count:
+        seeds.update(dict.fromkeys(int(s) for s in rng.integers(0, 2**32, count - len(seeds), dtype=np.uint64)))
+    return list(seeds)
+
+
+def make_candidate(seed: int, p2p_range: tuple[float, float], cfg_range: tuple[float, float]) -> Candidate:
+    """A seed's ``p ~ U(p2p_range)`` and guidance scale ``~ U(cfg_range)`` (drawn from the seed, so reproducible)."""
+    p, cfg = np.random.default_rng(seed).random(2)
+    return Candidate(
+        seed=seed,
+        p2p_threshold=float(p2p_range[0] + p * (p2p_range[1] - p2p_range[0])),
+        cfg_scale=float(cfg_range[0] + cfg * (cfg_range[1] - cfg_range[0])),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- filtering
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterThresholds:
+    """IP2P's CLIP filter (the reference's defaults).
+
+    Attributes:
+      text_image: each image's similarity with its caption must be at least this (``--clip-threshold``).
+      directional: the directional similarity must be at least this (``--clip-dir-threshold``).
+      image: the two images' similarity must be at least this (``--clip-img-threshold``).
+      max_kept: at most this many pairs per triple, the best by directional similarity (``--max-out-samples``).
+    """
+
+    text_image: float = 0.2
+    directional: float = 0.2
+    image: float = 0.7
+    max_kept: int = 4
+
+    def passes(self, scores: dict[str, float]) -> bool:
+        """Whether a candidate's scores pass every threshold (each ``>=``, as the reference)."""
+        return (
+            scores["clip_sim_0"] >= self.text_image
+            and scores["clip_sim_1"] >= self.text_image
+            and scores["clip_sim_dir"] >= self.directional
+            and scores["clip_sim_image"] >= self.image
+        )
+
+
+def rank_key(candidate: Candidate) -> tuple[float, int]:
+    """Best first when sorted in reverse: directional similarity, then the larger seed (the reference sorts
+    ``(clip_sim_dir, seed)`` tuples in reverse)."""
+    return candidate.scores["clip_sim_dir"], candidate.seed
+
+
+def select(candidates: Sequence[Candidate], thresholds: FilterThresholds) -> list[Candidate]:
+    """The candidates that pass the thresholds, best first by ``rank_key``, at most ``max_kept``."""
+    passing = [c for c in candidates if thresholds.passes(c.scores)]
+    return sorted(passing, key=rank_key, reverse=True)[: thresholds.max_kept]
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+def is_finished(out: Path, triple: Triple) -> bool:
+    return (out / triple.name / FINISHED).is_file()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+def write_triple(out: Path, triple: Triple, candidates: Sequence[Candidate], kept: Sequence[Candidate], quality: int):
+    """Writes a finished triple's folder: prompt, kept images, every candidate's scores, then ``metadata.jsonl``."""
+    folder = out / triple.name
+    folder.mkdir(parents=True, exist_ok=True)
+    prompt = {"edit": triple.edit, "input": triple.input, "output": triple.output}
+    (folder / "prompt.json").write_text(json.dumps(prompt))
+    for candidate in kept:
+        for role in (0, 1):
+            Image.fromarray(candidate.images[role]).save(folder / f"{candidate.seed}_{role}.jpg", quality=quality)
+    kept_seeds = {c.seed for c in kept}
+    scores = "".join(json.dumps(c.record(kept=c.seed in kept_seeds)) + "\n" for c in candidates)
+    (folder / "scores.jsonl").write_text(scores)
+    _atomic_write(folder / FINISHED, "".join(json.dumps(c.record()) + "\n" for c in kept))
+
+
+def kept_seeds(out: Path, name: str) -> list[str]:
+    """The kept seeds of a finished triple's folder, as strings (as the released ``seeds.json``)."""
+    lines = (out / name / FINISHED).read_text().splitlines()
+    return [str(json.loads(line)["seed"]) for line in lines if line.strip()]
+
+
+def write_seeds_json(out: Path) -> int:
+    """``seeds.json`` from every finished folder that kept a pair, sorted by name (the reference's
+    ``prepare_dataset.py``). Returns the number of triples listed."""
+    entries = []
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and (p / FINISHED).is_file()):
+        seeds = kept_seeds(out, folder.name)
+        if seeds:
+            entries.append([folder.name, seeds])
+    _atomic_write(out / "seeds.json", json.dumps(entries))
+    return len(entries)
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Records the result-deciding settings in ``OUT/generation.json``, or checks that a rerun uses the same."""
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            details = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise ValueError(f"{out} was generated with other settings ({details}); write to a new folder")
+        return
+    _atomic_write(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass
+class ClipScorer:
+    """A CLIP model for the filter: module, params, tokenizer."""
+
+    module: CLIPModel
+    params: dict
+    tokenizer: Any
+
+
+def load_models(config, workdir: Path) -> tuple[TextToImageModels, ClipScorer]:
+    """The config's text-to-image stack and CLIP: diffusers / transformers folders or hub ids, or ``"tiny"`` for
+    random ones built in code (their vocabulary files go to ``workdir``)."""
+    from ip2p_jax.schedulers import Scheduler
+    from ip2p_jax.weights import load_clip, load_text_encoder, load_tokenizer, load_unet, load_vae
+    from ip2p_jax.weights.files import resolve_folder
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    if config.model == "tiny":
+        models = tiny_text_to_image(workdir / "tiny-vocab", config.seed, in_channels=4, dtype=dtype)
+        models.scheduler = Scheduler(config.scheduler, models.scheduler.config)
+    else:
+        unet, unet_params = load_unet(config.model, dtype=dtype)
+        if unet.config.in_channels != 4:
+            raise ValueError(
+                f"{config.model}: data generation needs a text-to-image UNet (4 input channels), this one has "
+                f"{unet.config.in_channels}"
+            )
+        vae, vae_params = load_vae(config.model, dtype=dtype)
+        text_encoder, text_params = load_text_encoder(config.model, dtype=dtype)
+        scheduler = Scheduler.from_folder(resolve_folder(config.model, "scheduler"), kind=config.scheduler)
+        params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
+        models = TextToImageModels(unet, vae, text_encoder, load_tokenizer(config.model), scheduler, params)
+    if config.clip == "tiny":
+        clip = ClipScorer(*tiny_clip(workdir / "tiny-clip-vocab", config.seed + 1))
+    else:
+        module, params = load_clip(config.clip)
+        clip = ClipScorer(module, params, load_tokenizer(config.clip, subfolder=""))
+    return models, clip
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+@dataclasses.dataclass
+class _Work:
+    """A triple in flight: its encodings, alignment, candidates, and how many are still to be scored."""
+
+    triple: Triple
+    context: jax.Array  # (2, 77, D)
+    clip_text: jax.Array  # (2, P)
+    alignment: TokenAlignment
+    candidates: list[Candidate]
+    pending: int
+
+
+class PairGenerator:
+    """The jitted, sharded pieces: prompt encoding, the P2P sampler, decoding and CLIP scoring.
+
+    Args:
+      models, clip: from ``load_models``.
+      config: the generation config (``configs/generate_data.py``).
+      mesh: a ``data`` mesh (default: this process's devices).
+      progress: optional host callback given the steps done in the current batch.
+    """
+
+    def __init__(self, models: TextToImageModels, clip: ClipScorer, config, mesh=None, progress=None):
+        self.models, self.clip, self.config = models, clip, config
+        self.mesh = data_mesh(jax.local_devices()) if mesh is None else mesh
+        factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+        if config.resolution % factor:
+            raise ValueError(f"resolution {config.resolution} is not a multiple of the VAE's factor {factor}")
+        size = config.resolution // factor
+        self.settings = TextToImageSettings(
+            scheduler=models.scheduler,
+            num_inference_steps=config.steps,
+            latent_size=(size, size),
+            latent_channels=models.unet.config.out_channels,
+            guidance=True,
+        )
+        p2p = PromptToPromptSettings(
+            cross_attention=config.cross_attention,
+            self_attention=config.self_attention,
+            self_attention_max_size=config.self_attention_max_size or None,
+        )
+        unet = models.unet
+        self.sampler = make_prompt_to_prompt_sampler(
+            lambda p, x, t, c, control: unet.apply({"params": p}, x, t, c, control),
+            self.settings,
+            p2p,
+            self.mesh,
+            progress,
+        )
+        self.params = jax.device_put(models.params, replicated(self.mesh))
+        self.clip_params = jax.device_put(clip.params, replicated(self.mesh))
+        text_encoder, vae, clip_module = models.text_encoder, models.vae, clip.module
+        self._encode = jax.jit(lambda p, ids: text_encoder.apply({"params": p}, ids))
+        self._clip_text = jax.jit(
+            lambda p, ids: clip_module.apply({"params": p}, ids, method=CLIPModel.get_text_features)
+        )
+        clip_size = clip.module.config.vision.image_size
+
+        def decode_and_score(vae_params, clip_params, latents_b2hwc, clip_text_b2p):
+            """Scaled latents of both images -> uint8 images ``(B, 2, H, W, 3)`` and the four CLIP scores ``(B,)``."""
+            z = latents_b2hwc.reshape(-1, *latents_b2hwc.shape[2:]) / vae.config.scaling_factor
+            pixels = vae.apply({"params": vae_params}, z, method="decode").astype(jnp.float32)
+            images = jnp.clip(pixels / 2 + 0.5, 0.0, 1.0)  # scored as floats, as the reference does
+            embeds = clip_module.apply(
+                {"params": clip_params}, ip2p_pixel_values(images, clip_size), method=CLIPModel.get_image_features
+            ).reshape(latents_b2hwc.shape[0], 2, -1)
+            image_0, image_1, text_0, text_1 = embeds[:, 0], embeds[:, 1], clip_text_b2p[:, 0], clip_text_b2p[:, 1]
+            scores = {
+                "clip_sim_0": text_image_similarity(image_0, text_0),
+                "clip_sim_1": text_image_similarity(image_1, text_1),
+                "clip_sim_dir": directional_similarity(image_0, image_1, text_0, text_1),
+                "clip_sim_image": image_similarity(image_0, image_1),
+            }
+            uint8 = jnp.round(images * 255).astype(jnp.uint8)
+            return uint8.reshape(*latents_b2hwc.shape[:2], *uint8.shape[1:]), scores
+
+        self._decode_and_score = jax.jit(decode_and_score)
+        self.null_context = self._encode(self.params["text_encoder"], tokenize(models.tokenizer, [""]))[0]
+
+    def prepare(self, triple: Triple) -> tuple[jax.Array, jax.Array, TokenAlignment]:
+        """A triple's SD encodings ``(2, 77, D)``, CLIP text embeddings ``(2, P)`` and token alignment; raises
+        ``TripleError`` for captions over 77 tokens or that do not align as configured."""
+        try:
+            alignment = align_prompts(self.models.tokenizer, triple.input, triple.output, self.config.alignment)
+        except AlignmentError as error:
+            raise TripleError(str(error)) from error
+        captions = [triple.input, triple.output]
+        context = self._encode(self.params["text_encoder"], tokenize(self.models.tokenizer, captions))
+        clip_text = self._clip_text(self.clip_params, tokenize(self.clip.tokenizer, captions))
+        return context, clip_text, alignment
+
+    def run_batch(self, items: Sequence[tuple[_Work, Candidate]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Generates and scores one batch of candidates (padded to the mesh; padding dropped): uint8 images
+        ``(n, 2, H, W, 3)`` and scores ``{name: (n,)}``."""
+        n = len(items)
+        size = padded_size(max(n, self.config.batch_size), self.mesh)
+        pairs = [work for work, _ in items]
+        candidates = [candidate for _, candidate in items]
+        inputs = PromptToPromptInputs(
+            context=jnp.stack([w.context for w in pairs]),
+            null_context=jnp.broadcast_to(self.null_context, (n, *self.null_context.shape)),
+            keys=jax.vmap(jax.random.key)(np.asarray([c.seed for c in candidates], np.uint32)),
+            guidance_scale=jnp.asarray([c.cfg_scale for c in candidates], jnp.float32),
+            p=jnp.asarray([c.p2p_threshold for c in candidates], jnp.float32),
+            mapper=jnp.asarray(np.stack([w.alignment.mapper for w in pairs])),
+            alphas=jnp.asarray(np.stack([w.alignment.alphas for w in pairs])),
+        )
+        sharding = batch_sharded(self.mesh)
+        inputs = jax.tree.map(lambda x: jax.device_put(pad_batch(x, size), sharding), inputs)
+        clip_text = jax.device_put(pad_batch(jnp.stack([w.clip_text for w in pairs]), size), sharding)
+        latents, _ = self.sampler(self.params["unet"], inputs)
+        images, scores = self._decode_and_score(self.params["vae"], self.clip_params, latents, clip_text)
+        return np.asarray(images)[:n], {k: np.asarray(v)[:n] for k, v in scores.items()}
+
+
+def thresholds_of(config) -> FilterThresholds:
+    return FilterThresholds(
+        text_image=config.clip_threshold,
+        directional=config.clip_dir_threshold,
+        image=config.clip_img_threshold,
+        max_kept=config.max_kept,
+    )
+
+
+def _batches(works: Iterator[_Work], batch_size: int) -> Iterator[list[tuple[_Work, Candidate]]]:
+    batch: list[tuple[_Work, Candidate]] = []
+    for work in works:
+        for candidate in work.candidates:
+            batch.append((work, candidate))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+@dataclasses.dataclass
+class GenerationSummary:
+    """What a run did.
+
+    Attributes:
+      finished: triples generated by this run.
+      skipped_finished: triples already finished by an earlier run.
+      bad: ``(line number, reason)`` of the triples that could not be generated.
+      kept: pairs kept by this run.
+      listed: triples in ``seeds.json`` after the run.
+    """
+
+    finished: int = 0
+    skipped_finished: int = 0
+    bad: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    kept: int = 0
+    listed: int = 0
+
+
+def generate_dataset(
+    config,
+    out: str | os.PathLike,
+    *,
+    mesh=None,
+    progress: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> GenerationSummary:
+    """Generates the data set of ``config.triples`` into ``out`` (see the module docstring); resumable.
+
+    Bad triples are reported through ``report`` (default: a line on stderr), as ``FILE:LINE: skipped: reason``,
+    when found, and skipped; the rest still run. With several processes each takes every ``process_count``-th
+    triple on its own devices, and process 0 writes ``seeds.json`` once all are done.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, {key: config[key] for key in RESULT_SETTINGS})
+    triples, bad = read_triples(config.triples)
+    summary = GenerationSummary()
+
+    def skip(line: int, reason: str) -> None:
+        summary.bad.append((line, reason))
+        message = f"{config.triples}:{line}: skipped: {reason}"
+        if report is not None:
+            report(message)
+        else:
+            tqdm.write(message, file=sys.stderr)
+
+    for line, reason in bad:
+        skip(line, reason)
+    index, count = jax.process_index(), jax.process_count()
+    mine = [t for t in triples if t.index % count == index]
+    todo = [t for t in mine if not is_finished(out, t)]
+    summary.skipped_finished = len(mine) - len(todo)
+    thresholds = thresholds_of(config)
+    steps_bar = tqdm(total=config.steps, desc="steps", unit="step", leave=False, disable=not progress, position=1)
+
+    def on_step(done):
+        steps_bar.n = int(done)
+        steps_bar.refresh()
+
+    with tempfile.TemporaryDirectory() as workdir:
+        models, clip = load_models(config, Path(workdir))
+        generator = PairGenerator(models, clip, config, mesh, on_step if progress else None)
+    pairs_bar = tqdm(
+        total=len(todo) * config.samples_per_triple, desc="pairs", unit="pair", disable=not progress, position=0
+    )
+
+    def works() -> Iterator[_Work]:
+        for triple in todo:
+            try:
+                context, clip_text, alignment = generator.prepare(triple)
+            except TripleError as error:
+                skip(triple.index + 1, str(error))
+                pairs_bar.total -= config.samples_per_triple
+                continue
+            seeds = candidate_seeds(config.seed, triple.index, config.samples_per_triple)
+            candidates = [make_candidate(s, (config.p2p_min, config.p2p_max), (config.cfg_min, config.cfg_max))
+                          for s in seeds]  # fmt: skip
+            yield _Work(triple, context, clip_text, alignment, candidates, len(candidates))
+
+    try:
+        for batch in _batches(works(), config.batch_size):
+            steps_bar.reset()
+            images, scores = generator.run_batch(batch)
+            for row, (work, candidate) in enumerate(batch):
+                candidate.scores = {name: float(scores[name][row]) for name in SCORE_NAMES}
+                # Only the candidates that can still be kept hold on to their images: at most max_kept per triple.
+                if thresholds.passes(candidate.scores):
+                    candidate.images = images[row]
+                    holding = sorted((c for c in work.candidates if c.images is not None), key=rank_key, reverse=True)
+                    for dropped in holding[thresholds.max_kept :]:
+                        dropped.images = None
+                work.pending -= 1
+                if work.pending == 0:
+                    kept = select(work.candidates, thresholds)
+                    write_triple(out, work.triple, work.candidates, kept, config.jpeg_quality)
+                    summary.finished += 1
+                    summary.kept += len(kept)
+                    work.candidates = []
+            pairs_bar.update(len(batch))
+            pairs_bar.set_postfix(triples=summary.finished, kept=summary.kept)
+    finally:
+        pairs_bar.close()
+        steps_bar.close()
+        if count > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("data generation done")
+        if index == 0:
+            summary.listed = write_seeds_json(out)
+    return summary

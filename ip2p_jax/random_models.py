@@ -1,0 +1,136 @@
+"""Tiny random models built in code, for the ``tiny`` variants of ``configs/generate_data.py`` and
+``configs/evaluate_clip.py``: a Stable Diffusion (4 input channels) or InstructPix2Pix (8) text-to-image stack and a
+CLIP, all Flax with random weights, and a small CLIP vocabulary. They run the real code paths on a laptop CPU in
+seconds; their pictures mean nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ip2p_jax.models.clip import CLIPConfig, CLIPModel, CLIPVisionConfig
+from ip2p_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
+from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
+from ip2p_jax.schedulers import Scheduler, SchedulerConfig
+
+# The words of examples/triples_tiny.jsonl (any other text still encodes, one token per character).
+TINY_WORDS = (
+    "a",
+    "photo",
+    "of",
+    "the",
+    "an",
+    "cat",
+    "dog",
+    "on",
+    "sofa",
+    "bench",
+    "red",
+    "blue",
+    "car",
+    "house",
+    "in",
+    "snow",
+    "make",
+    "it",
+    "turn",
+    "into",
+    "add",
+    "hat",
+    "with",
+    "painting",
+    "sunset",
+    "at",
+)
+TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    norm_num_groups=4,
+    latent_channels=4,
+)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
+# Stable Diffusion's noise schedule, with the released checkpoints' Euler ancestral settings.
+SD_SCHEDULER = SchedulerConfig(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="linspace"
+)
+
+
+@dataclasses.dataclass
+class TextToImageModels:
+    """A text-to-image stack: modules, their float32 params, the tokenizer and the scheduler.
+
+    Attributes:
+      unet, vae, text_encoder: Flax modules.
+      params: ``{"unet": ..., "vae": ..., "text_encoder": ...}``.
+      tokenizer: the CLIP tokenizer of the text encoder.
+      scheduler: the checkpoint's (or the tiny model's) scheduler.
+    """
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: Any
+    scheduler: Scheduler
+    params: dict
+
+
+def tiny_tokenizer(folder: Path):
+    """A CLIP tokenizer over ``TINY_WORDS``, its files written to ``folder``."""
+    from transformers import CLIPTokenizer
+
+    from ip2p_jax.vocabulary import write_clip_vocab
+
+    return CLIPTokenizer.from_pretrained(str(write_clip_vocab(Path(folder), TINY_WORDS)))
+
+
+def tiny_text_to_image(folder: Path, seed: int, in_channels: int = 4, dtype: Any = jnp.float32) -> TextToImageModels:
+    """A random tiny SD (``in_channels=4``) or IP2P (8) stack; the vocabulary is written to ``folder``.
+
+    The VAE halves the image size (latents of 16 x 16 for 32 px images).
+    """
+    tokenizer = tiny_tokenizer(folder)
+    unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(TINY_UNET, in_channels=in_channels)), dtype=dtype)
+    vae = AutoencoderKL(VAEConfig.from_diffusers(TINY_VAE), dtype=dtype)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id, **TINY_TEXT
+    )
+    text_encoder = CLIPTextModel(text_config, dtype=dtype)
+    unet_key, vae_key, text_key = jax.random.split(jax.random.key(seed), 3)
+    context = jnp.zeros((1, 77, TINY_UNET["cross_attention_dim"]))
+    params = {
+        "unet": unet.init(unet_key, jnp.zeros((1, 8, 8, in_channels)), jnp.zeros((1,)), context)["params"],
+        "vae": vae.init(vae_key, jnp.zeros((1, 8, 8, 3)))["params"],
+        "text_encoder": text_encoder.init(text_key, jnp.zeros((1, 77), jnp.int32))["params"],
+    }
+    return TextToImageModels(unet, vae, text_encoder, tokenizer, Scheduler("euler_ancestral", SD_SCHEDULER), params)
+
+
+def tiny_clip(folder: Path, seed: int, image_size: int = 32) -> tuple[CLIPModel, dict, Any]:
+    """A random tiny CLIP taking ``image_size`` px images: ``(module, params, tokenizer)``."""
+    tokenizer = tiny_tokenizer(folder)
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id, **TINY_TEXT
+    )
+    config = CLIPConfig(text=text, vision=CLIPVisionConfig(image_size=image_size, **TINY_VISION), projection_dim=16)
+    module = CLIPModel(config)
+    pixels = jnp.zeros((1, image_size, image_size, 3))
+    params = module.init(jax.random.key(seed), pixels, jnp.zeros((1, 77), jnp.int32))["params"]
+    return module, params, tokenizer
