@@ -332,7 +332,7 @@ def load_models(config, workdir: Path) -> tuple[TextToImageModels, ClipScorer]:
 
 
 @dataclasses.dataclass
-class _Work:
+class TripleWork:
     """A triple in flight: its encodings, alignment, candidates, and how many are still to be scored."""
 
     triple: Triple
@@ -422,7 +422,7 @@ class PairGenerator:
         clip_text = self._clip_text(self.clip_params, tokenize(self.clip.tokenizer, captions))
         return context, clip_text, alignment
 
-    def run_batch(self, items: Sequence[tuple[_Work, Candidate]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def run_batch(self, items: Sequence[tuple[TripleWork, Candidate]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Generates and scores one batch of candidates (padded to the mesh; padding dropped): uint8 images
         ``(n, 2, H, W, 3)`` and scores ``{name: (n,)}``."""
         n = len(items)
@@ -455,8 +455,8 @@ def thresholds_of(config) -> FilterThresholds:
     )
 
 
-def _batches(works: Iterator[_Work], batch_size: int) -> Iterator[list[tuple[_Work, Candidate]]]:
-    batch: list[tuple[_Work, Candidate]] = []
+def _batches(works: Iterator[TripleWork], batch_size: int) -> Iterator[list[tuple[TripleWork, Candidate]]]:
+    batch: list[tuple[TripleWork, Candidate]] = []
     for work in works:
         for candidate in work.candidates:
             batch.append((work, candidate))
@@ -536,7 +536,7 @@ def generate_dataset(
         total=len(todo) * config.samples_per_triple, desc="pairs", unit="pair", disable=not progress, position=0
     )
 
-    def works() -> Iterator[_Work]:
+    def works() -> Iterator[TripleWork]:
         for triple in todo:
             try:
                 context, clip_text, alignment = generator.prepare(triple)
@@ -547,7 +547,7 @@ def generate_dataset(
             seeds = candidate_seeds(config.seed, triple.index, config.samples_per_triple)
             candidates = [make_candidate(s, (config.p2p_min, config.p2p_max), (config.cfg_min, config.cfg_max))
                           for s in seeds]  # fmt: skip
-            yield _Work(triple, context, clip_text, alignment, candidates, len(candidates))
+            yield TripleWork(triple, context, clip_text, alignment, candidates, len(candidates))
 
     try:
         for batch in _batches(works(), config.batch_size):

@@ -282,3 +282,49 @@ def test_cli_tiny_config(tmp_path):
     # Another triples file into the same folder changes nothing that decides the pictures: it runs, skipping
     # the bad line, and exits 1.
     assert third.returncode == 1 and "bad.jsonl:1: skipped: missing ['output']" in third.stderr
+
+
+EIGHT_DEVICES = """
+import importlib.util, json, sys
+from pathlib import Path
+import jax
+from ip2p_jax.data_generation import generate_dataset
+from ip2p_jax.parallel import data_mesh
+
+NAMES = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
+assert len(jax.devices()) == 8, jax.devices()
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+spec = importlib.util.spec_from_file_location("config", root / "configs" / "generate_data.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+config = module.get_config("tiny")
+config.triples = str(root / config.triples)
+config.steps = 4
+one = generate_dataset(config, out / "one", mesh=data_mesh(jax.devices()[:1]), progress=False)
+eight = generate_dataset(config, out / "eight", progress=False)  # every local device
+assert one.finished == eight.finished == 5, (one, eight)
+worst, same_kept = 0.0, 0
+for folder in sorted((out / "one").glob("0*")):
+    a = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (out / "eight" / folder.name / "scores.jsonl").read_text().splitlines()]
+    assert [x["seed"] for x in a] == [x["seed"] for x in b]
+    for x, y in zip(a, b):
+        worst = max([worst] + [abs(x[k] - y[k]) for k in NAMES])
+    same_kept += [x["kept"] for x in a] == [x["kept"] for x in b]
+print(f"8 devices vs 1: max CLIP score difference {worst:.1e}; same pairs kept for {same_kept} of 5 triples")
+assert worst <= 1e-4 and same_kept == 5
+"""
+
+
+@pytest.mark.slow
+def test_eight_devices_generate_what_one_does(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", EIGHT_DEVICES, str(ROOT), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    print(result.stdout.strip())
