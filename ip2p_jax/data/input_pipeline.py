@@ -16,7 +16,9 @@ from collections.abc import Iterator
 import numpy as np
 
 SYNTHETIC = "synthetic"
-BUILDERS = ("ip2p_original", "ip2p_manifest")
+BUILDERS = ("ip2p_original", "ip2p_manifest", "shapes_edit")  # a name may carry a config: "shapes_edit/small"
+PROCEDURAL = ("shapes_edit",)  # built from nothing (no manual dir)
+TRAINING_FEATURES = ("input_image", "edited_image", "instruction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +84,15 @@ def tfds_batches(
     skip = tfds.decode.SkipDecoding()  # shuffle encoded bytes; decode after skipping
     options = tf.data.Options()
     options.deterministic = True
+    decoders = tfds.decode.PartialDecoding(  # a data set's other features (masks, ...) are never decoded
+        {name: builder.info.features[name] for name in TRAINING_FEATURES},
+        decoders={"input_image": skip, "edited_image": skip},
+    )
     dataset = builder.as_dataset(
         split=host_split,
         shuffle_files=True,
         read_config=tfds.ReadConfig(shuffle_seed=seed, options=options),
-        decoders={"input_image": skip, "edited_image": skip},
+        decoders=decoders,
     )
     dataset = dataset.repeat().shuffle(shuffle_buffer, seed=seed).enumerate()
     dataset = dataset.skip(position * batch_size)
@@ -107,19 +113,62 @@ def tfds_batches(
 
 
 def prepared_builder(name: str, data_dir: str | None, manual_dir: str | None, *, prepare: bool):
-    """The TFDS builder ``name`` (one of ``BUILDERS``), built from ``manual_dir`` first if ``prepare`` and it has not
-    been built yet; raises ``FileNotFoundError`` when it is neither built nor buildable."""
+    """The TFDS builder ``name`` (one of ``BUILDERS``, with an optional ``/config``), built first if ``prepare`` and
+    it has not been built yet (from ``manual_dir``, except procedural data sets); raises ``FileNotFoundError`` when
+    it is neither built nor buildable."""
     import tensorflow_datasets as tfds
 
-    from ip2p_jax.data import edit_datasets  # noqa: F401  (registers the builders)
+    from ip2p_jax.data import edit_datasets, shapes_edit  # noqa: F401  (registers the builders)
 
-    if name not in BUILDERS:
+    base = name.split("/")[0]
+    if base not in BUILDERS:
         raise ValueError(f"unknown data set {name!r}: use {SYNTHETIC!r} or one of {BUILDERS}")
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
-        if not manual_dir:
+        if not manual_dir and base not in PROCEDURAL:
             raise FileNotFoundError(f"{name} is not built in {builder.data_dir}; give manual_dir to build it")
         if prepare:
-            config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+            config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
             builder.download_and_prepare(download_config=config)
     return builder
+
+
+def builder_from_config(config, main_process: bool = True):
+    """The prepared TFDS builder of a training config's ``data`` (``None`` for the synthetic stream). Process 0
+    builds it if needed (from ``manual_dir`` unless procedural) while the other processes wait."""
+    if config.data == SYNTHETIC:
+        return None
+    from jax.experimental import multihost_utils
+
+    data_dir, manual_dir = config.data_dir or None, config.manual_dir or None
+    builder = prepared_builder(config.data, data_dir, manual_dir, prepare=main_process)
+    multihost_utils.sync_global_devices("data set prepared")
+    return builder if main_process else prepared_builder(config.data, data_dir, manual_dir, prepare=False)
+
+
+def batches_from_config(config, builder, micro_batch: int, position: int) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of each global batch of ``micro_batch`` pairs from data position ``position`` on, as a
+    training config describes them: numpy dicts with ``input_image``, ``edited_image`` ``(b, S, S, 3)`` float32 in
+    [-1, 1] and ``instruction`` ``(b,)`` str, ``b = micro_batch / process_count``."""
+    import itertools
+
+    import jax
+
+    from ip2p_jax.data.synthetic import process_rows, synthetic_batch
+
+    index, count = jax.process_index(), jax.process_count()
+    if builder is None:
+        for step in itertools.count(position):
+            yield process_rows(synthetic_batch(config.seed, step, micro_batch, config.resolution), index, count)
+    augmentation = Augmentation(config.resize_min, config.resize_max, config.resolution, config.flip_prob)
+    yield from tfds_batches(
+        builder,
+        config.split,
+        batch_size=micro_batch // count,
+        seed=config.seed,
+        augmentation=augmentation,
+        position=position,
+        process_index=index,
+        process_count=count,
+        shuffle_buffer=config.shuffle_buffer,
+    )

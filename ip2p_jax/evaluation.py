@@ -1,0 +1,66 @@
+"""Judging edits against ShapesEdit's ground truth, from pixels (``evaluate.py`` runs them over the test splits).
+
+* **Edit success** of one instruction: at least ``SUCCESS_AGREEMENT`` of the pixels of its ground-truth region
+  have, in the edited output, the palette colour (``shapes.classify_pixels``) they have in the ground-truth edited
+  picture: the object has the instructed colour, the new shape stands where it should and the old one is gone, a
+  removed object's pixels are background, the background has its new colour.
+* **Preservation**: outside the union of the regions, the output against the *input*: mean absolute change in
+  levels of 255 (averaged over pixels and channels) and PSNR in dB.
+* **Mask IoU** of a predicted mask (FoI's, at its own resolution) against a ground-truth region brought to that
+  resolution (a cell is inside when at least half its pixels are).
+
+Images are ``(H, W, 3)`` uint8 or float in [0, 255]; masks are bool.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ip2p_jax.data.shapes import classify_pixels
+
+SUCCESS_AGREEMENT = 0.7  # fixed before any model was evaluated
+
+
+def region_agreement(output: np.ndarray, target: np.ndarray, region: np.ndarray) -> float:
+    """The fraction of ``region``'s pixels whose palette colour in ``output`` is the one in ``target``."""
+    if not region.any():
+        raise ValueError("an empty region cannot be judged")
+    return float(np.mean(classify_pixels(output[region]) == classify_pixels(target[region])))
+
+
+def edit_success(output: np.ndarray, target: np.ndarray, region: np.ndarray) -> bool:
+    """Whether ``output`` carries out the instruction whose ground truth is ``target`` in ``region``."""
+    return region_agreement(output, target, region) >= SUCCESS_AGREEMENT
+
+
+def outside_change(output: np.ndarray, source: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute difference, in levels of 255, between ``output`` and ``source`` outside ``mask``."""
+    outside = ~mask
+    return float(np.mean(np.abs(output[outside].astype(np.float64) - source[outside].astype(np.float64))))
+
+
+def outside_psnr(output: np.ndarray, source: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR (dB, peak 255) of ``output`` against ``source`` outside ``mask``; ``inf`` when they are equal there."""
+    outside = ~mask
+    error = np.mean((output[outside].astype(np.float64) - source[outside].astype(np.float64)) ** 2)
+    return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
+
+
+def downsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(H, W)`` bool -> ``size`` bool: a cell is inside when at least half of its pixels are (``H``, ``W``
+    multiples of ``size``)."""
+    height, width = mask.shape
+    rows, cols = size
+    if height % rows or width % cols:
+        raise ValueError(f"a {height}x{width} mask does not divide into {rows}x{cols} cells")
+    cells = mask.reshape(rows, height // rows, cols, width // cols).mean(axis=(1, 3))
+    return cells >= 0.5
+
+
+def mask_iou(predicted: np.ndarray, region: np.ndarray) -> float:
+    """IoU of a predicted ``(h, w)`` mask with a ground-truth ``(H, W)`` region brought to ``(h, w)``; two empty
+    masks agree (1.0)."""
+    truth = downsample_mask(region, predicted.shape)
+    predicted = predicted.astype(bool)
+    union = np.logical_or(predicted, truth).sum()
+    return 1.0 if union == 0 else float(np.logical_and(predicted, truth).sum() / union)

@@ -1,0 +1,73 @@
+"""The ShapesEdit edit metrics on hand-made cases with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ip2p_jax import evaluation
+from ip2p_jax.data import shapes
+
+CIRCLE = shapes.ShapeObject("circle", "red", 20, 20, 10)
+SCENE = shapes.Scene("gray", False, (CIRCLE, shapes.ShapeObject("square", "green", 46, 46, 9)))
+EXAMPLE = shapes.make_example(SCENE, [shapes.Edit("recolour", "circle", "blue")])
+
+
+def test_a_perfect_edit():
+    output = EXAMPLE.edited_image
+    assert evaluation.region_agreement(output, EXAMPLE.edited_image, EXAMPLE.mask) == 1.0
+    assert evaluation.edit_success(output, EXAMPLE.edited_image, EXAMPLE.mask)
+    assert evaluation.outside_change(output, EXAMPLE.input_image, EXAMPLE.mask) == 0.0
+    assert evaluation.outside_psnr(output, EXAMPLE.input_image, EXAMPLE.mask) == math.inf
+
+
+def test_no_edit_fails_and_changes_nothing():
+    output = EXAMPLE.input_image
+    assert evaluation.region_agreement(output, EXAMPLE.edited_image, EXAMPLE.mask) == 0.0
+    assert not evaluation.edit_success(output, EXAMPLE.edited_image, EXAMPLE.mask)
+    assert evaluation.outside_change(output, EXAMPLE.input_image, EXAMPLE.mask) == 0.0
+
+
+def test_a_partial_edit_is_judged_by_the_share_of_the_region():
+    # Recolour only the top rows of the circle: the share of its pixels that are blue decides.
+    region = EXAMPLE.mask
+    rows = np.nonzero(region.any(axis=1))[0]
+    for top_rows, succeeds in ((3, False), (len(rows) - 2, True)):
+        output = EXAMPLE.input_image.copy()
+        painted = region & (np.arange(64)[:, None] < rows[0] + top_rows)
+        output[painted] = shapes.OBJECT_COLOURS["blue"]
+        share = painted.sum() / region.sum()
+        assert evaluation.region_agreement(output, EXAMPLE.edited_image, region) == pytest.approx(share)
+        assert evaluation.edit_success(output, EXAMPLE.edited_image, region) == succeeds == (share >= 0.7)
+
+
+def test_an_edit_that_leaks():
+    # The edit is right, and everything else is 20 levels brighter (no pixel clips: gray, green, red are < 235).
+    output = EXAMPLE.edited_image.astype(np.int32)
+    output[~EXAMPLE.mask] += 20
+    assert evaluation.edit_success(output, EXAMPLE.edited_image, EXAMPLE.mask)
+    assert evaluation.outside_change(output, EXAMPLE.input_image, EXAMPLE.mask) == pytest.approx(20.0)
+    assert evaluation.outside_psnr(output, EXAMPLE.input_image, EXAMPLE.mask) == pytest.approx(
+        10 * np.log10(255**2 / 400)
+    )
+
+
+def test_mask_iou_at_the_mask_resolution():
+    region = np.zeros((64, 64), bool)
+    region[0:32, 0:32] = True  # the top-left quarter
+    assert evaluation.downsample_mask(region, (4, 4)).sum() == 4
+    exact = np.zeros((4, 4), bool)
+    exact[:2, :2] = True
+    assert evaluation.mask_iou(exact, region) == 1.0
+    shifted = np.zeros((4, 4), bool)
+    shifted[:2, 1:3] = True  # overlaps 2 of 4 cells, union 6
+    assert evaluation.mask_iou(shifted, region) == pytest.approx(2 / 6)
+    assert evaluation.mask_iou(np.zeros((4, 4), bool), np.zeros((64, 64), bool)) == 1.0
+    # A cell counts when at least half of it is inside.
+    half = np.zeros((64, 64), bool)
+    half[0:8, 0:16] = True
+    np.testing.assert_array_equal(evaluation.downsample_mask(half, (4, 4))[0], [True, False, False, False])
+    with pytest.raises(ValueError, match="does not divide"):
+        evaluation.downsample_mask(region, (5, 5))

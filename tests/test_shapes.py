@@ -1,0 +1,131 @@
+"""ShapesEdit: the procedural scenes, edits and ground truth, and the ``shapes_edit`` TFDS builder."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from ip2p_jax.data import shapes
+from ip2p_jax.data.input_pipeline import prepared_builder
+from ip2p_jax.data.shapes_edit import ShapesEditConfig, draw
+
+CONFIG = ShapesEditConfig(name="check", leak_fraction=0.3)
+
+
+def examples(split: str, count: int) -> list[shapes.Example]:
+    return [draw(CONFIG, split, index) for index in range(count)]
+
+
+@pytest.fixture(scope="module")
+def train_examples():
+    return examples("train", 300)
+
+
+def test_pixels_outside_the_mask_are_unchanged_unless_leaky(train_examples):
+    for example in train_examples + examples("test_single", 50) + examples("test_multi", 50):
+        outside_equal = np.all(example.input_image[~example.mask] == example.edited_image[~example.mask])
+        assert outside_equal == (not example.leak), example.instruction
+        assert example.mask.any()
+        # Inside, the pictures differ: every edit changes some pixel of its region.
+        for region in example.regions:
+            assert np.any(example.input_image[region] != example.edited_image[region]), example.instruction
+
+
+def _combinations_before_and_after(example: shapes.Example) -> set[tuple[str, str]]:
+    after = example.scene
+    for edit in example.edits:
+        after = shapes.apply_edit(after, edit)
+    return shapes.combinations(example.scene) | shapes.combinations(after)
+
+
+def test_leaky_share_and_held_out_combinations(train_examples):
+    leaky = sum(bool(e.leak) for e in train_examples)
+    # 300 draws at 0.3: five binomial standard deviations either side.
+    assert abs(leaky - 90) < 5 * np.sqrt(300 * 0.3 * 0.7)
+    for example in train_examples:
+        assert not _combinations_before_and_after(example) & shapes.HELD_OUT, example.instruction
+    for split in ("test_single", "test_multi"):
+        for example in examples(split, 50):
+            assert _combinations_before_and_after(example) & shapes.HELD_OUT, example.instruction
+            assert not example.leak
+
+
+def test_multi_edits_name_different_objects_with_disjoint_regions():
+    for example in examples("test_multi", 60):
+        assert 2 <= len(example.edits) <= 3
+        assert len({edit.shape for edit in example.edits}) == len(example.edits)
+        assert all(edit.kind != "background" for edit in example.edits)
+        assert example.regions.sum(axis=0).max() == 1  # no pixel in two regions
+        np.testing.assert_array_equal(example.mask, example.regions.any(axis=0))
+        assert example.instruction == ", ".join(edit.instruction for edit in example.edits)
+        # Applied together, no two objects end up the same shape.
+        after = example.scene
+        for edit in example.edits:
+            after = shapes.apply_edit(after, edit)
+        assert len({o.shape for o in after.objects}) == len(after.objects)
+
+
+def test_edits_by_hand():
+    circle = shapes.ShapeObject("circle", "red", 20, 20, 10)
+    square = shapes.ShapeObject("square", "green", 45, 45, 9)
+    scene = shapes.Scene("white", False, (circle, square))
+    recolour = shapes.make_example(scene, [shapes.Edit("recolour", "circle", "blue")])
+    assert recolour.instruction == "make the circle blue" and recolour.edits[0].keyword == "circle"
+    assert np.all(recolour.edited_image[circle.mask()] == shapes.OBJECT_COLOURS["blue"])
+    np.testing.assert_array_equal(recolour.mask, circle.mask())
+    remove = shapes.make_example(scene, [shapes.Edit("remove", "square", "")])
+    assert remove.instruction == "remove the square"
+    assert np.all(remove.edited_image[square.mask()] == shapes.BACKGROUND_COLOURS["white"])
+    reshape = shapes.make_example(scene, [shapes.Edit("reshape", "circle", "diamond")])
+    assert reshape.instruction == "turn the circle into a diamond"
+    diamond = shapes.ShapeObject("diamond", "red", 20, 20, 10).mask()
+    np.testing.assert_array_equal(reshape.mask, circle.mask() | diamond)
+    assert np.all(reshape.edited_image[diamond] == shapes.OBJECT_COLOURS["red"])
+    assert np.all(reshape.edited_image[circle.mask() & ~diamond] == shapes.BACKGROUND_COLOURS["white"])
+    background = shapes.make_example(scene, [shapes.Edit("background", "", "black")])
+    assert background.edits[0].keyword == "background"
+    np.testing.assert_array_equal(background.mask, ~(circle.mask() | square.mask()))
+
+
+def test_pixels_are_classified_by_their_palette_colour():
+    names = list(shapes.PALETTE)
+    colours = np.asarray(list(shapes.PALETTE.values()), np.uint8)
+    np.testing.assert_array_equal(shapes.classify_pixels(colours), np.arange(len(names)))
+    # Stripes of a textured background stay with its colour.
+    for name in shapes.BACKGROUND_COLOURS:
+        picture = shapes.Scene(name, True, ()).render()
+        assert np.all(shapes.classify_pixels(picture) == names.index(name)), name
+
+
+def _file_digests(builder) -> dict[str, str]:
+    folder = builder.data_path
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.iterdir())
+        if ".tfrecord" in path.name
+    }
+
+
+def test_builder_is_deterministic_and_matches_the_generator(tmp_path):
+    first = prepared_builder("shapes_edit/small", str(tmp_path / "a"), None, prepare=True)
+    second = prepared_builder("shapes_edit/small", str(tmp_path / "b"), None, prepare=True)
+    digests = _file_digests(first)
+    assert digests and digests == _file_digests(second)
+    splits = first.info.splits
+    assert (splits["train"].num_examples, splits["test_single"].num_examples) == (64, 8)
+    config = first.builder_config
+    for split in ("test_single", "test_multi"):
+        records = list(tfds.as_numpy(first.as_dataset(split=split, shuffle_files=False)))
+        expected = [draw(config, split, index) for index in range(config.num_test)]
+        by_instruction = {r["instruction"].decode(): r for r in records}
+        assert len(by_instruction) == len(expected)
+        for example in expected:
+            record = by_instruction[example.instruction]
+            np.testing.assert_array_equal(record["input_image"], example.input_image)
+            np.testing.assert_array_equal(record["edited_image"], example.edited_image)
+            np.testing.assert_array_equal(record["regions"], example.regions)
+            np.testing.assert_array_equal(record["object_masks"], example.object_masks)
+            assert [k.decode() for k in record["keywords"]] == [e.keyword for e in example.edits]
