@@ -9,6 +9,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.task = "ip2p"
     config.model = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # diffusers folder or hub id
     config.init_from = "sd"  # expand the 4-channel SD UNet to 8 channels
     config.data = "ip2p_original"  # TFDS: "ip2p_original" (released layout), "ip2p_manifest", or "synthetic"

@@ -5,12 +5,16 @@ python train.py --config configs/tiny.py --workdir /tmp/tiny-run
 
 import ml_collections
 
+from ip2p_jax.training.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, TINY_WORDS
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.model = "tiny"  # a random model built in code; or a diffusers folder / hub id
+    config.task = "ip2p"
+    config.model = "new"  # a random model from new_model; or a diffusers folder / hub id
+    config.new_model = dict(unet=TINY_UNET, vae=TINY_VAE, text_encoder=TINY_TEXT, words=list(TINY_WORDS))
     config.init_from = "ip2p"  # "ip2p": an 8-channel IP2P UNet; "sd": a 4-channel SD UNet expanded to 8
-    config.data = "synthetic"  # or a TFDS editing data set: "ip2p_original" / "ip2p_manifest"
+    config.data = "synthetic"  # or a TFDS editing data set: "ip2p_original", "ip2p_manifest", "shapes_edit"
     config.data_dir = ""  # TFDS data_dir ("" = TFDS's default)
     config.manual_dir = ""  # the source folder a TFDS data set is built from the first time
     config.split = "train"

@@ -11,6 +11,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA = "data"
@@ -94,5 +95,8 @@ def maybe_initialize_distributed() -> bool:
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
+        # The first collective sets up the processes' communication (gloo on CPU), which gives up if a process
+        # is late by half a minute: do it now, while they start together, not after one has done long work alone.
+        multihost_utils.sync_global_devices("processes started")
         return True
     return False

@@ -41,19 +41,29 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -
     return restored["state"], restored["meta"]
 
 
-def restore_unet_weights(directory: str | os.PathLike, step: int | None = None) -> tuple[dict, dict, int]:
-    """``({"params": ..., "ema_params": ...}, meta, step)`` of checkpoint ``step`` (default: the latest) as NumPy
-    arrays on the host, without knowing the optimizer that wrote it. Raises ``FileNotFoundError``."""
+def restore_weights(directory: str | os.PathLike, step: int | None = None) -> tuple[dict, dict, int]:
+    """``({"params": ..., "ema_params": ...}, meta, step)`` of checkpoint ``step`` (default: the latest) as arrays
+    on this process's first device, without knowing the optimizer that wrote it, whatever mesh saved it (a pod's
+    run exports on a workstation). Raises ``FileNotFoundError``."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints in {directory}")
-    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"))
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"), item_handlers=handlers)
     steps = manager.all_steps()
     if step is None and steps:
         step = max(steps)
     if step not in steps:
         raise FileNotFoundError(f"no checkpoint {step} in {directory} (there are {sorted(steps)})")
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    stored = manager.item_metadata(step)["state"]
+    # The weights' saved shapes and dtypes on one local device, in place of the saving mesh's shardings; the
+    # optimizer state and counters stay on disk (a partial restore).
+    abstract = {
+        name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), stored[name])
+        for name in ("params", "ema_params")
+    }
+    state = ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
     )
-    state = {name: jax.device_get(restored["state"][name]) for name in ("params", "ema_params")}
-    return state, restored["meta"], step
+    restored = manager.restore(step, args=ocp.args.Composite(state=state, meta=ocp.args.JsonRestore()))
+    return dict(restored["state"]), restored["meta"], step

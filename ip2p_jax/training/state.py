@@ -68,3 +68,36 @@ def ema_decay(updates_done: jax.Array, max_decay: float = 0.9999) -> jax.Array:
 def update_ema(ema_params: Any, params: Any, decay: jax.Array) -> Any:
     """``ema <- ema - (1 - decay) * (ema - params)``."""
     return jax.tree.map(lambda e, p: e - (1 - decay) * (e - p), ema_params, params)
+
+
+def apply_gradients(
+    state: TrainState, grads: Any, tx: optax.GradientTransformation, *, accumulation: int, ema_max_decay: float
+) -> tuple[TrainState, Any]:
+    """The optimizer update, and the EMA update once per optimizer step (every ``accumulation`` micro-steps).
+
+    Returns:
+      ``(new_state, updates)``.
+    """
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    optimizer_stepped = (state.step + 1) % accumulation == 0
+    ema = update_ema(state.ema_params, params, ema_decay(state.ema_updates, ema_max_decay))
+    ema = jax.tree.map(lambda new, old: jnp.where(optimizer_stepped, new, old), ema, state.ema_params)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=params,
+        ema_params=ema,
+        opt_state=opt_state,
+        ema_updates=state.ema_updates + optimizer_stepped.astype(jnp.int32),
+    )
+    return new_state, updates
+
+
+def norm_metrics(grads: Any, params: Any, updates: Any, learning_rate: float) -> dict[str, jax.Array]:
+    """``grad_norm``, ``param_norm``, ``update_norm`` (global L2 norms) and ``learning_rate``, float32."""
+    return {
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "update_norm": optax.tree.norm(updates),
+        "learning_rate": jnp.float32(learning_rate),
+    }

@@ -17,7 +17,7 @@ import optax
 from ip2p_jax.models.clip_text import CLIPTextModel
 from ip2p_jax.models.unet import UNet2DConditionModel
 from ip2p_jax.models.vae import AutoencoderKL, sample_latent
-from ip2p_jax.training.state import TrainState, ema_decay, update_ema
+from ip2p_jax.training.state import TrainState, apply_gradients, norm_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,24 +108,7 @@ def train_step(
         return jnp.mean((eps.astype(jnp.float32) - noise) ** 2)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = settings.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    optimizer_stepped = (state.step + 1) % settings.accumulation == 0
-    decay = ema_decay(state.ema_updates, settings.ema_max_decay)
-    ema = update_ema(state.ema_params, params, decay)
-    ema = jax.tree.map(lambda new, old: jnp.where(optimizer_stepped, new, old), ema, state.ema_params)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=params,
-        ema_params=ema,
-        opt_state=opt_state,
-        ema_updates=state.ema_updates + optimizer_stepped.astype(jnp.int32),
+    new_state, updates = apply_gradients(
+        state, grads, settings.tx, accumulation=settings.accumulation, ema_max_decay=settings.ema_max_decay
     )
-    metrics = {
-        "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
-        "update_norm": optax.tree.norm(updates),
-        "learning_rate": jnp.float32(settings.learning_rate),
-    }
-    return new_state, metrics
+    return new_state, {"loss": loss, **norm_metrics(grads, new_state.params, updates, settings.learning_rate)}

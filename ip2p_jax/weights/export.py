@@ -140,6 +140,19 @@ def write_model_index(folder: str | Path) -> None:
     (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _refuse_non_empty(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; export into a new folder")
+
+
+def export_vae(out: str | Path, params: Mapping, config: Mapping[str, Any]) -> Path:
+    """Writes a trained autoencoder as a diffusers ``AutoencoderKL`` folder (``config`` is its diffusers config,
+    ``scaling_factor`` included). Refuses a non-empty ``out``."""
+    out = Path(out)
+    _refuse_non_empty(out)
+    return save_vae(out, params, config)
+
+
 def export_ip2p(
     out: str | Path,
     unet_params: Mapping,
@@ -153,8 +166,7 @@ def export_ip2p(
     training); ``source`` is the diffusers folder or hub id training started from. Refuses a non-empty ``out``.
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; export into a new folder")
+    _refuse_non_empty(out)
     unet_folder = resolve_folder(source, "unet", weights_name=DIFFUSERS_WEIGHTS, revision=revision)
     unet_config = json.loads((unet_folder / "config.json").read_text())
     unet_config["in_channels"] = int(np.shape(unet_params["conv_in"]["kernel"])[2])

@@ -1,0 +1,189 @@
+"""One InstructPix2Pix training step: ours (``training/step.py``, jitted, state donated) against the same step in
+PyTorch with diffusers' models, as diffusers' ``train_instruct_pix2pix.py`` writes it, on the same machine.
+
+Both steps do the same work: encode the edited image (a latent sample, scaled) and the input image (the mode,
+unscaled) with the frozen VAE, encode the instruction with the frozen text encoder, conditioning dropout, noise at
+a random timestep, the 8-channel UNet's epsilon-prediction MSE, backward, global-norm clipping at 1, AdamW 1e-4,
+and the EMA update. Random weights, float32, the same batch size and image size. Each framework runs in its own
+subprocess (peak RSS is its own); the step time is the median of warm steps after a first (compiling) step.
+
+    python benchmarks/train.py                          # the tiny config (32 px) and SD 1.5 (256 px), batch 2
+    python benchmarks/train.py --models tiny --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from unet import SD15_UNET  # benchmarks/ is on sys.path
+
+from ip2p_jax.training.tiny import TINY_TEXT, TINY_UNET, TINY_VAE
+
+SD15 = dict(
+    unet=SD15_UNET,
+    vae=dict(
+        block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=2,
+        latent_channels=4,
+    ),
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    size=256,
+)
+TINY = dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, size=32)  # configs/tiny.py
+MODELS = {"tiny": TINY, "sd15": SD15}
+VOCAB = 1000
+
+
+def batch_arrays(batch: int, size: int):
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    images = rng.uniform(-1, 1, (2, batch, size, size, 3)).astype(np.float32)
+    ids = rng.randint(0, VOCAB, (batch, 77)).astype(np.int32)
+    return images[0], images[1], ids
+
+
+def worker_jax(model: dict, batch: int, steps: int) -> dict:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from ip2p_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+    from ip2p_jax.schedulers import SchedulerConfig
+    from ip2p_jax.training.new_model import SD_BETAS, random_unet, random_vae
+    from ip2p_jax.training.state import create_train_state, make_optimizer
+    from ip2p_jax.training.step import StepSettings, train_step
+
+    unet, unet_params = random_unet(model["unet"], jax.random.key(0))
+    vae, vae_params = random_vae(model["vae"], jax.random.key(1))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=VOCAB, eos_token_id=VOCAB - 1, **model["text"]))
+    text_params = text.init(jax.random.key(2), jnp.zeros((1, 77), jnp.int32))["params"]
+    tx = make_optimizer(1e-4, max_grad_norm=1.0)
+    alphas = SchedulerConfig(**SD_BETAS).alphas_cumprod()
+    settings = StepSettings(unet=unet, vae=vae, text_encoder=text, tx=tx, alphas_cumprod=tuple(alphas.tolist()))
+    null = text.apply({"params": text_params}, jnp.zeros((1, 77), jnp.int32))
+    frozen = {"vae": vae_params, "text_encoder": text_params, "null_context": null}
+    inputs, edited, ids = batch_arrays(batch, model["size"])
+    data = {"input_image": jnp.asarray(inputs), "edited_image": jnp.asarray(edited), "input_ids": jnp.asarray(ids)}
+    state = create_train_state(unet_params, tx)
+    del unet_params
+    step = jax.jit(functools.partial(train_step, settings=settings), donate_argnums=0)
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    state, metrics = step(state, data, key, frozen)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step(state, data, key, frozen)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return dict(seconds=statistics.median(times), compile_s=first - statistics.median(times))
+
+
+def worker_torch(model: dict, batch: int, steps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ip2p_jax.training.new_model import SD_BETAS
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**model["unet"]).train()
+    vae = AutoencoderKL(**model["vae"]).eval().requires_grad_(False)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=VOCAB, eos_token_id=VOCAB - 1, **model["text"]))
+    text = text.eval().requires_grad_(False)
+    scheduler = DDPMScheduler(**SD_BETAS)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=False)
+    inputs, edited, ids = (torch.from_numpy(x) for x in batch_arrays(batch, model["size"]))
+    inputs, edited = inputs.permute(0, 3, 1, 2).contiguous(), edited.permute(0, 3, 1, 2).contiguous()
+    ids = ids.long()
+    with torch.no_grad():
+        null = text(torch.zeros((1, 77), dtype=torch.long))[0]
+
+    def step():
+        with torch.no_grad():
+            latents = vae.encode(edited).latent_dist.sample() * vae.config.scaling_factor
+            context = text(ids)[0]
+            image_latents = vae.encode(inputs).latent_dist.mode()
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        r = torch.rand(batch)
+        context = torch.where((r < 0.1)[:, None, None], null, context)
+        image_latents = image_latents * (~((r >= 0.05) & (r < 0.15))).float()[:, None, None, None]
+        prediction = unet(torch.cat([noisy, image_latents], dim=1), timesteps, context).sample
+        loss = F.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step(unet.parameters())
+        return float(loss)
+
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return dict(seconds=statistics.median(times), first_s=first, threads=torch.get_num_threads())
+
+
+def run_worker(framework: str, name: str, batch: int, steps: int) -> dict:
+    command = [sys.executable, __file__, "--worker", framework, "--models", name, "--batch", str(batch)]
+    result = subprocess.run(command + ["--steps", str(steps)], capture_output=True, text=True)
+    if result.returncode != 0:
+        return {
+            "error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        }
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["tiny", "sd15"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="warm steps timed (the median is reported)")
+    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        work = worker_jax if args.worker == "jax" else worker_torch
+        result = work(MODELS[args.models[0]], args.batch, args.steps)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+    print(f"# one IP2P training step, batch {args.batch}, float32, median of {args.steps} warm steps")
+    print("| model | image | ours (s/step) | PyTorch (s/step) | ours / PyTorch | our compile (s) "
+          "| our peak RSS (MiB) | PyTorch peak RSS (MiB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        ours = run_worker("jax", name, args.batch, args.steps)
+        reference = run_worker("torch", name, args.batch, args.steps)
+        size = MODELS[name]["size"]
+        if "error" in ours or "error" in reference:
+            failures = f"ours: {ours.get('error', 'ok')}; PyTorch: {reference.get('error', 'ok')}"
+            print(f"| {name} | {size} px | failed ({failures}) |")
+            continue
+        print(f"| {name} | {size} px | {ours['seconds']:.3f} | {reference['seconds']:.3f} "
+              f"| {ours['seconds'] / reference['seconds']:.2f} | {ours['compile_s']:.1f} "
+              f"| {ours['peak_rss_mib']:.0f} | {reference['peak_rss_mib']:.0f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
