@@ -31,6 +31,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 MIN_SIDE = 64  # pixels; below this the UNet's lowest level has under one latent cell
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "shapes-ip2p"
+SMALL_TILE = 256  # comparison grids enlarge smaller pictures (nearest neighbour) to about this size
 
 
 @dataclass
@@ -53,7 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     from ip2p_jax.schedulers import SCHEDULERS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="timbrooks/instruct-pix2pix", help="diffusers folder or hub repo id")
+    parser.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="diffusers folder or hub repo id (default: the shipped ShapesEdit model; the public checkpoint is "
+        "timbrooks/instruct-pix2pix)",
+    )
     parser.add_argument("--revision", default=None, help="hub revision")
     parser.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (half the download)")
     parser.add_argument("--image", type=Path, help="input image")
@@ -80,15 +87,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="default: on when keywords or several instructions are given",
     )
     foi.add_argument("--compare", action="store_true", help="write OUT.compare.png: input | masks | IP2P | FoI")
-    foi.add_argument("--tau", default="0.5", help="mask threshold, or a range LOW,HIGH drawn per image")
-    foi.add_argument("--gamma", type=int, default=3, help="rounds of square + min-max")
-    foi.add_argument("--mask-downsample", type=int, default=4, help="mask resolution = latent size / this")
-    foi.add_argument("--mask-step", type=int, default=0, help="step run that builds the masks")
+    # Unset FoI settings take the model folder's foi_config.json, else the paper's (FoIConfig.for_model).
+    foi.add_argument("--tau", default=None, help="mask threshold (0.5), or a range LOW,HIGH drawn per image")
+    foi.add_argument("--gamma", type=int, default=None, help="rounds of square + min-max (3)")
+    foi.add_argument("--mask-downsample", type=int, default=None, help="mask resolution = latent size / this (4)")
+    foi.add_argument("--mask-step", type=int, default=None, help="step run that builds the masks (0)")
     foi.add_argument("--no-modulation", action="store_true", help="ablation: no attention modulation")
-    foi.add_argument("--modulation-stop", type=float, default=1.0, help="fraction of steps with modulation")
+    foi.add_argument("--modulation-stop", type=float, default=None, help="fraction of steps with modulation (1)")
     foi.add_argument("--no-decoupled-guidance", action="store_true", help="ablation: plain IP2P guidance")
-    foi.add_argument("--decoupled-fraction", type=float, default=0.75, help="fraction of steps with it")
-    foi.add_argument("--outside-values", choices=("own", "image_only"), default="own")
+    foi.add_argument("--decoupled-fraction", type=float, default=None, help="fraction of steps with it (0.75)")
+    foi.add_argument("--outside-values", choices=("own", "image_only"), default=None, help="(own)")
     args = parser.parse_args(argv)
     single = [args.image, args.instruction, args.out]
     if args.manifest is None and any(x is None for x in single):
@@ -112,22 +120,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def foi_config(args):
-    """``FoIConfig`` from the command line's FoI settings."""
+    """``FoIConfig`` of the model (its folder's ``foi_config.json``, else the paper's) with the settings given on
+    the command line."""
     from ip2p_jax.sampling import FoIConfig
 
-    tau = tuple(float(x) for x in args.tau.split(",")) if "," in args.tau else float(args.tau)
-    return FoIConfig(
-        strength=0.8 if args.strength is None else args.strength,
+    given = dict(
+        strength=args.strength,
         gamma=args.gamma,
-        tau=tau,
         mask_downsample=args.mask_downsample,
         mask_step=args.mask_step,
-        modulation=not args.no_modulation,
         modulation_stop=args.modulation_stop,
         outside_values=args.outside_values,
-        decoupled_guidance=not args.no_decoupled_guidance,
         decoupled_fraction=args.decoupled_fraction,
     )
+    if args.tau is not None:
+        given["tau"] = tuple(float(x) for x in args.tau.split(",")) if "," in args.tau else float(args.tau)
+    if args.no_modulation:
+        given["modulation"] = False
+    if args.no_decoupled_guidance:
+        given["decoupled_guidance"] = False
+    return FoIConfig.for_model(args.model, **{k: v for k, v in given.items() if v is not None})
 
 
 def sub_instructions(texts, keywords=None, alphas=None) -> list:
@@ -309,12 +321,15 @@ def mask_overlay(image: Image.Image, mask_hw) -> Image.Image:
 
 
 def compare_grid(image: Image.Image, masks_khw, plain: Image.Image, edited: Image.Image) -> Image.Image:
-    """input | each mask over the input | IP2P | FoI, in one row."""
+    """input | each mask over the input | IP2P | FoI, in one row; pictures under ``SMALL_TILE`` px are enlarged
+    by a whole factor with nearest neighbour, so every pixel stays visible as it is."""
     base = image.resize(edited.size, Image.LANCZOS) if image.size != edited.size else image
     tiles = [base] + [mask_overlay(base, mask) for mask in masks_khw] + [plain, edited]
-    grid = Image.new("RGB", (edited.width * len(tiles), edited.height))
+    factor = max(1, SMALL_TILE // max(edited.size))
+    width, height = edited.width * factor, edited.height * factor
+    grid = Image.new("RGB", (width * len(tiles), height))
     for position, tile in enumerate(tiles):
-        grid.paste(tile, (position * edited.width, 0))
+        grid.paste(tile.resize((width, height), Image.NEAREST), (position * width, 0))
     return grid
 
 

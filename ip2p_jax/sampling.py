@@ -12,7 +12,10 @@ ancestral step's noise, so an image's result does not depend on the batch it was
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -189,6 +192,9 @@ def make_ip2p_sampler(
 # ---------------------------------------------------------------------------------------------- FoI
 
 
+FOI_CONFIG = "foi_config.json"  # a model folder's recommended FoI settings (``FoIConfig.for_model``)
+
+
 @dataclasses.dataclass(frozen=True)
 class FoIConfig:
     """Every setting of Focus on Your Instruction (``docs/foi.md`` explains each). Defaults: paper 5.1.
@@ -230,6 +236,21 @@ class FoIConfig:
             raise ValueError("gamma and mask_step must be >= 0 and mask_downsample >= 1")
         if not isinstance(self.tau, int | float) and not (len(self.tau) == 2 and self.tau[0] <= self.tau[1]):
             raise ValueError(f"tau must be a number or a (low, high) range, got {self.tau!r}")
+
+    @classmethod
+    def for_model(cls, model: str | os.PathLike, **overrides) -> FoIConfig:
+        """The paper's settings, updated by the model folder's ``foi_config.json`` where it has one (settings its
+        makers chose for its architecture, e.g. the shipped ShapesEdit model's mask resolution), then by
+        ``overrides``. Unknown settings in the file are errors."""
+        path = Path(model) / FOI_CONFIG
+        settings = json.loads(path.read_text()) if path.is_file() else {}
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown FoI settings {unknown}")
+        if isinstance(settings.get("tau"), list):
+            settings["tau"] = tuple(settings["tau"])
+        return cls(**{**settings, **overrides})
 
 
 class FoIInputs(struct.PyTreeNode):

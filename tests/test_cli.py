@@ -96,7 +96,10 @@ def test_foi_edit_from_the_command_line_with_a_comparison_grid(pipeline_dir, tmp
     argv += ["--instruction", "turn the cat red", "--keyword", "cat", "--alpha", "1", "--alpha", "1.5"]
     assert sample.main(argv + FAST + ["--compare"]) == 0
     assert Image.open(out).size == (64, 64)
-    assert Image.open(out.with_suffix(".compare.png")).size == (5 * 64, 64)  # input | two masks | IP2P | FoI
+    # input | two masks | IP2P | FoI, each 64 px picture enlarged 4x (nearest neighbour)
+    comparison = Image.open(out.with_suffix(".compare.png"))
+    assert comparison.size == (5 * 256, 256)
+    np.testing.assert_array_equal(np.asarray(comparison)[::4, 4 * 256 :: 4], np.asarray(Image.open(out)))  # FoI
 
 
 def test_foi_keyword_errors_are_reported_per_item(pipeline_dir, tmp_path, capsys):

@@ -1,0 +1,235 @@
+"""Measure what Focus on Your Instruction promises, on ShapesEdit's test splits (ground truth known exactly).
+
+    python evaluate.py                                   # the shipped model, both test splits, every method
+    python evaluate.py --model DIR --limit 50 --steps 50 --out runs/eval
+
+Methods, all from the same seeds (image ``i`` of a batch draws from ``fold_in(PRNGKey(seed + batch), i)``):
+``ip2p`` (InstructPix2Pix, the composite prompt, full strength), ``ip2p_strength_0.8`` (the same entering the
+schedule where FoI does), ``foi`` (Focus on Your Instruction, each sub-instruction with its keyword) and FoI's
+ablations ``foi_no_modulation`` and ``foi_no_decoupled_guidance``. For each: edit success per instruction and the
+share of examples with every instruction carried out, the change outside the ground-truth region (mean absolute
+change in levels of 255, and PSNR), and for FoI the mask IoU at mask resolution (``ip2p_jax/evaluation.py``).
+
+Writes ``OUT/results.md`` (a table), ``OUT/results.json`` (settings, aggregates and per-example figures) and
+``OUT/examples.png`` (input | ground truth | FoI's masks | IP2P | FoI, enlarged 3x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "models" / "shapes-ip2p"
+METHODS = ("ip2p", "ip2p_strength_0.8", "foi", "foi_no_modulation", "foi_no_decoupled_guidance")
+SPLITS = ("test_single", "test_multi")
+GRID_EXAMPLES = 4  # per split
+ENLARGE = 3
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="an InstructPix2Pix diffusers folder")
+    parser.add_argument("--dataset", default="shapes_edit", help="TFDS name (and config), e.g. shapes_edit/small")
+    parser.add_argument("--data-dir", default=None, help="TFDS data_dir (default TFDS's)")
+    parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
+    parser.add_argument("--limit", type=int, default=None, help="examples per split (default: all)")
+    parser.add_argument("--steps", type=int, default=100, help="num_inference_steps")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--image-guidance-scale", type=float, default=1.5)
+    parser.add_argument("--batch", type=int, default=25, help="images per sampler call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "evaluation")
+    args = parser.parse_args(argv)
+    args.splits = [s for s in args.splits.split(",") if s]
+    args.methods = [m for m in args.methods.split(",") if m]
+    for split in args.splits:
+        if split not in SPLITS:
+            parser.error(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
+    for method in args.methods:
+        if method not in METHODS:
+            parser.error(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    if args.steps < 1 or args.batch < 1:
+        parser.error("--steps and --batch must be at least 1")
+    return args
+
+
+def load_split(builder, split: str, limit: int | None) -> list[dict]:
+    """The split's examples as numpy dicts (text decoded)."""
+    import tensorflow_datasets as tfds
+
+    dataset = builder.as_dataset(split=split, shuffle_files=False)
+    if limit is not None:
+        dataset = dataset.take(limit)
+    examples = []
+    for example in tfds.as_numpy(dataset):
+        decoded = {}
+        for key, value in example.items():
+            if isinstance(value, bytes):
+                value = value.decode()
+            elif isinstance(value, np.ndarray) and value.dtype == object:
+                value = [v.decode() for v in value]
+            decoded[key] = value
+        examples.append(decoded)
+    return examples
+
+
+def edit_batch(pipe, method: str, foi_config, examples: list[dict], args, seed: int) -> tuple[np.ndarray, list]:
+    """``(B, 64, 64, 3)`` float edits in [0, 255] and FoI's ``(K, h, w)`` masks per example (``None`` for IP2P)."""
+    common = dict(
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        image_guidance_scale=args.image_guidance_scale,
+        seed=seed,
+        output_type="np",
+        progress=False,
+    )
+    images = [e["input_image"] for e in examples]
+    if method.startswith("ip2p"):
+        strength = foi_config.strength if method == "ip2p_strength_0.8" else 1.0
+        out = pipe(images, [e["instruction"] for e in examples], strength=strength, **common)
+        return np.asarray(out.images) * 255.0, [None] * len(examples)
+    config = foi_config
+    if method == "foi_no_modulation":
+        config = dataclasses.replace(config, modulation=False)
+    elif method == "foi_no_decoupled_guidance":
+        config = dataclasses.replace(config, decoupled_guidance=False)
+    instructions = [list(zip(e["instructions"], e["keywords"], strict=True)) for e in examples]
+    out = pipe(images, instructions=instructions, foi=config, **common)
+    return np.asarray(out.images) * 255.0, [m["latent"] for m in out.masks]
+
+
+def judge(example: dict, output: np.ndarray, masks) -> dict:
+    """Per-example figures (``ip2p_jax/evaluation.py``)."""
+    from ip2p_jax import evaluation
+
+    target, regions = example["edited_image"], example["regions"]
+    success = [evaluation.edit_success(output, target, region) for region in regions]
+    figures = {
+        "success": success,
+        "all_success": all(success),
+        "outside_change": evaluation.outside_change(output, example["input_image"], example["mask"]),
+        "outside_psnr": evaluation.outside_psnr(output, example["input_image"], example["mask"]),
+    }
+    if masks is not None:
+        figures["mask_iou"] = [evaluation.mask_iou(m, region) for m, region in zip(masks, regions, strict=True)]
+    return figures
+
+
+def aggregate(per_example: list[dict]) -> dict:
+    """Means over a split: per-instruction success, all-instructions success, outside change and PSNR, mask IoU."""
+    instructions = [s for e in per_example for s in e["success"]]
+    psnr = [e["outside_psnr"] for e in per_example if math.isfinite(e["outside_psnr"])]
+    summary = {
+        "examples": len(per_example),
+        "edit_success": float(np.mean(instructions)),
+        "all_success": float(np.mean([e["all_success"] for e in per_example])),
+        "outside_change": float(np.mean([e["outside_change"] for e in per_example])),
+        "outside_psnr": float(np.mean(psnr)) if psnr else float("inf"),
+    }
+    if "mask_iou" in per_example[0]:
+        summary["mask_iou"] = float(np.mean([iou for e in per_example for iou in e["mask_iou"]]))
+    return summary
+
+
+def markdown_table(results: dict) -> str:
+    lines = [
+        "| split | method | edit success (per instruction) | every instruction | outside change (levels) "
+        "| outside PSNR (dB) | mask IoU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for split, methods in results.items():
+        for method, s in methods.items():
+            iou = f"{s['mask_iou']:.3f}" if "mask_iou" in s else "-"
+            lines.append(
+                f"| {split} ({s['examples']}) | {method} | {100 * s['edit_success']:.1f} % | "
+                f"{100 * s['all_success']:.1f} % | {s['outside_change']:.2f} | {s['outside_psnr']:.2f} | {iou} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def example_rows(examples: list[dict], edits: dict[str, np.ndarray], masks: list, max_masks: int) -> np.ndarray:
+    """input | ground truth | FoI's masks over the input (``max_masks`` tiles) | IP2P | FoI, one row per example."""
+    size = examples[0]["input_image"].shape[0]
+    rows = []
+    for index, example in enumerate(examples):
+        tiles = [example["input_image"], example["edited_image"]]
+        for k in range(max_masks):
+            if masks[index] is not None and k < len(masks[index]):
+                mask = np.kron(masks[index][k], np.ones((size // masks[index].shape[1],) * 2))[..., None]
+                tiles.append(mask * (0.5 * example["input_image"] + 0.5 * np.array([255, 40, 40]))
+                             + (1 - mask) * 0.35 * example["input_image"])  # fmt: skip
+            else:
+                tiles.append(np.full((size, size, 3), 255.0))
+        tiles += [edits[name][index] for name in ("ip2p", "foi") if name in edits]
+        rows.append(np.concatenate([np.asarray(t, np.float64) for t in tiles], axis=1))
+    grid = np.concatenate(rows, axis=0).round().clip(0, 255).astype(np.uint8)
+    return np.kron(grid, np.ones((ENLARGE, ENLARGE, 1), np.uint8))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from PIL import Image
+    from tqdm import tqdm
+
+    from ip2p_jax.data.input_pipeline import prepared_builder
+    from ip2p_jax.pipeline import InstructPix2PixPipeline
+    from ip2p_jax.sampling import FoIConfig
+    from ip2p_jax.weights import CheckpointError
+
+    try:
+        pipe = InstructPix2PixPipeline.from_pretrained(args.model)
+        builder = prepared_builder(args.dataset, args.data_dir, None, prepare=True)
+    except (CheckpointError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    foi_config = FoIConfig.for_model(args.model)
+    data = {split: load_split(builder, split, args.limit) for split in args.splits}
+    batches = {split: [examples[i : i + args.batch] for i in range(0, len(examples), args.batch)]
+               for split, examples in data.items()}  # fmt: skip
+    total = sum(len(b) for b in batches.values()) * len(args.methods)
+    results, per_example, grids = {}, {}, []
+    with tqdm(total=total, desc="evaluating") as bar:
+        for split, split_batches in batches.items():
+            results[split], per_example[split] = {}, {}
+            shown = {}
+            for method in args.methods:
+                figures = []
+                for number, batch in enumerate(split_batches):
+                    bar.set_postfix_str(f"{split}, {method}")
+                    edits, masks = edit_batch(pipe, method, foi_config, batch, args, args.seed + number)
+                    figures += [judge(e, o, m) for e, o, m in zip(batch, edits, masks, strict=True)]
+                    if number == 0:
+                        shown[method] = (edits[:GRID_EXAMPLES], masks[:GRID_EXAMPLES])
+                    bar.update(1)
+                results[split][method] = aggregate(figures)
+                per_example[split][method] = figures
+            masks = shown["foi"][1] if "foi" in shown else [None] * GRID_EXAMPLES
+            edits = {name: value[0] for name, value in shown.items()}
+            grids.append(example_rows(data[split][:GRID_EXAMPLES], edits, masks, max_masks=3))
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results)
+    (args.out / "results.md").write_text(table)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings["foi"] = dataclasses.asdict(foi_config)
+    record = {"settings": settings, "results": results, "per_example": per_example}
+    (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+    width = max(g.shape[1] for g in grids)
+    padded = [np.pad(g, ((0, 0), (0, width - g.shape[1]), (0, 0)), constant_values=255) for g in grids]
+    Image.fromarray(np.concatenate(padded, axis=0)).save(args.out / "examples.png")
+    print(table, file=sys.stderr)
+    print(f"wrote {args.out / 'results.md'}, results.json and examples.png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
