@@ -64,7 +64,10 @@ def diffusers_images(folder, latents_nchw: np.ndarray, guidance_scale: float) ->
     return out.images
 
 
-def test_text_to_image_equals_diffusers(sd_folder):
+@pytest.mark.parametrize(
+    "guidance_scale", [7.5, pytest.param(1.0, marks=pytest.mark.slow, id="no-guidance")]
+)  # diffusers runs the text branch alone at guidance_scale <= 1
+def test_text_to_image_equals_diffusers(sd_folder, guidance_scale):
     unet, unet_params = load_unet(sd_folder)
     vae, vae_params = load_vae(sd_folder)
     text_encoder, text_params = load_text_encoder(sd_folder)
@@ -73,13 +76,12 @@ def test_text_to_image_equals_diffusers(sd_folder):
     assert scheduler.kind == "euler"
 
     latents = np.random.RandomState(0).randn(len(PROMPTS), 4, *LATENT).astype(np.float32)
-    guidance_scale = 7.5
     expected = diffusers_images(sd_folder, latents, guidance_scale)
 
     def apply(params, *args):
         return unet.apply({"params": params}, *args)
 
-    settings = TextToImageSettings(scheduler, STEPS, LATENT)
+    settings = TextToImageSettings(scheduler, STEPS, LATENT, guidance=guidance_scale > 1.0)
     sample = make_text_to_image_sampler(apply, settings, data_mesh(jax.devices()[:1]))
     context = text_encoder.apply({"params": text_params}, tokenize(tokenizer, PROMPTS))
     null = text_encoder.apply({"params": text_params}, tokenize(tokenizer, [""]))
@@ -93,7 +95,10 @@ def test_text_to_image_equals_diffusers(sd_folder):
     out = sample(unet_params, inputs)
     images = postprocess(vae.apply({"params": vae_params}, out / vae.config.scaling_factor, method="decode"))
     difference = float(np.max(np.abs(images - expected)))
-    print(f"text-to-image, {STEPS} Euler steps, against diffusers: max abs pixel difference {difference:.1e}")
+    print(
+        f"text-to-image, {STEPS} Euler steps, guidance {guidance_scale}, against diffusers: "
+        f"max abs pixel difference {difference:.1e}"
+    )
     assert images.shape == expected.shape == (len(PROMPTS), 16, 16, 3)
     assert difference <= 2e-3
     assert float(np.max(np.abs(images[0] - images[1]))) > 0.05  # the prompts matter
