@@ -168,8 +168,8 @@ def autoencoder_task(config, workdir: Path, main_process: bool) -> Task:
     import numpy as np
 
     from ip2p_jax.pipeline import postprocess, to_pil
+    from ip2p_jax.random_models import random_vae
     from ip2p_jax.training.autoencoder import AutoencoderSettings, autoencoder_step
-    from ip2p_jax.training.new_model import random_vae
     from ip2p_jax.weights import load_vae
 
     del workdir, main_process

@@ -58,8 +58,9 @@ def worker_jax(model: dict, batch: int, steps: int) -> dict:
     import jax.numpy as jnp
 
     from ip2p_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+    from ip2p_jax.random_models import random_unet, random_vae
     from ip2p_jax.schedulers import SchedulerConfig
-    from ip2p_jax.training.new_model import SD_BETAS, random_unet, random_vae
+    from ip2p_jax.training.new_model import SD_BETAS
     from ip2p_jax.training.state import create_train_state, make_optimizer
     from ip2p_jax.training.step import StepSettings, train_step
 
@@ -74,7 +75,7 @@ def worker_jax(model: dict, batch: int, steps: int) -> dict:
     frozen = {"vae": vae_params, "text_encoder": text_params, "null_context": null}
     inputs, edited, ids = batch_arrays(batch, model["size"])
     data = {"input_image": jnp.asarray(inputs), "edited_image": jnp.asarray(edited), "input_ids": jnp.asarray(ids)}
-    state = create_train_state(unet_params, tx)
+    state = jax.jit(functools.partial(create_train_state, tx=tx), donate_argnums=0)(unet_params)  # as train.py
     del unet_params
     step = jax.jit(functools.partial(train_step, settings=settings), donate_argnums=0)
     key = jax.random.key(0)

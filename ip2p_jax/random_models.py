@@ -1,12 +1,14 @@
-"""Tiny random models built in code, for the ``tiny`` variants of ``configs/generate_data.py`` and
-``configs/evaluate_clip.py``: a Stable Diffusion (4 input channels) or InstructPix2Pix (8) text-to-image stack and a
-CLIP, all Flax with random weights, and a small CLIP vocabulary. They run the real code paths on a laptop CPU in
-seconds; their pictures mean nothing.
+"""Random models built in code: any architecture from its diffusers / transformers config (what training from
+scratch starts from, ``training/new_model.py``), and the tiny stacks of the ``tiny`` variants of
+``configs/generate_data.py`` and ``configs/evaluate_clip.py``: a Stable Diffusion (4 input channels) or
+InstructPix2Pix (8) text-to-image stack and a CLIP, all Flax with random weights, and a small CLIP vocabulary. They
+run the real code paths on a laptop CPU in seconds; their pictures mean nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,41 @@ class TextToImageModels:
     params: dict
 
 
+def text_encoder_config(config: Mapping[str, Any], tokenizer) -> dict[str, Any]:
+    """A transformers ``CLIPTextModel`` config: ``config``'s sizes with the tokenizer's vocabulary and ids."""
+    return {
+        "hidden_act": "quick_gelu",
+        "max_position_embeddings": tokenizer.model_max_length,
+        **dict(config),
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def random_unet(config: Mapping[str, Any], key: jax.Array, dtype: Any = jnp.float32):
+    """``(module, params)`` of a UNet with this diffusers config, randomly initialised (float32 params)."""
+    unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(config)), dtype=dtype)
+    cfg = unet.config
+    x = jnp.zeros((1, 8, 8, cfg.in_channels))
+    context = jnp.zeros((1, 77, cfg.cross_attention_dim[0]))  # per block in the config, one text width
+    # Jitted: eager initialisation would run the UNet op by op and hold its intermediates.
+    return unet, jax.jit(unet.init)(key, x, jnp.zeros((1,)), context)["params"]
+
+
+def random_vae(config: Mapping[str, Any], key: jax.Array, dtype: Any = jnp.float32):
+    """``(module, params)`` of an ``AutoencoderKL`` with this diffusers config, randomly initialised."""
+    vae = AutoencoderKL(VAEConfig.from_diffusers(dict(config)), dtype=dtype)
+    return vae, vae.init(key, jnp.zeros((1, 8, 8, vae.config.in_channels)))["params"]
+
+
+def random_text_encoder(config: Mapping[str, Any], tokenizer, key: jax.Array, dtype: Any = jnp.float32):
+    """``(module, params)`` of a CLIP text encoder (transformers config dict, vocabulary from ``tokenizer``)."""
+    text = CLIPTextModel(CLIPTextConfig.from_transformers(text_encoder_config(config, tokenizer)), dtype=dtype)
+    return text, text.init(key, jnp.zeros((1, 77), jnp.int32))["params"]
+
+
 def tiny_tokenizer(folder: Path):
     """A CLIP tokenizer over ``TINY_WORDS``, its files written to ``folder``."""
     from transformers import CLIPTokenizer
@@ -107,19 +144,11 @@ def tiny_text_to_image(folder: Path, seed: int, in_channels: int = 4, dtype: Any
     The VAE halves the image size (latents of 16 x 16 for 32 px images).
     """
     tokenizer = tiny_tokenizer(folder)
-    unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(TINY_UNET, in_channels=in_channels)), dtype=dtype)
-    vae = AutoencoderKL(VAEConfig.from_diffusers(TINY_VAE), dtype=dtype)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id, **TINY_TEXT
-    )
-    text_encoder = CLIPTextModel(text_config, dtype=dtype)
     unet_key, vae_key, text_key = jax.random.split(jax.random.key(seed), 3)
-    context = jnp.zeros((1, 77, TINY_UNET["cross_attention_dim"]))
-    params = {
-        "unet": unet.init(unet_key, jnp.zeros((1, 8, 8, in_channels)), jnp.zeros((1,)), context)["params"],
-        "vae": vae.init(vae_key, jnp.zeros((1, 8, 8, 3)))["params"],
-        "text_encoder": text_encoder.init(text_key, jnp.zeros((1, 77), jnp.int32))["params"],
-    }
+    unet, unet_params = random_unet(dict(TINY_UNET, in_channels=in_channels), unet_key, dtype)
+    vae, vae_params = random_vae(TINY_VAE, vae_key, dtype)
+    text_encoder, text_params = random_text_encoder(TINY_TEXT, tokenizer, text_key, dtype)
+    params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
     return TextToImageModels(unet, vae, text_encoder, tokenizer, Scheduler("euler_ancestral", SD_SCHEDULER), params)
 
 

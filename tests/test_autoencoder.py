@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from ip2p_jax.data.synthetic import synthetic_batch
+from ip2p_jax.random_models import random_vae
 from ip2p_jax.training.autoencoder import AutoencoderSettings, autoencoder_step, kl_divergence
-from ip2p_jax.training.new_model import random_vae, write_new_model
+from ip2p_jax.training.new_model import write_new_model
 from ip2p_jax.training.state import create_train_state, make_optimizer
 from ip2p_jax.training.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, TINY_WORDS
 

@@ -19,7 +19,7 @@ from ip2p_jax.schedulers import SchedulerConfig
 from ip2p_jax.tokenizer import tokenize
 from ip2p_jax.training import checkpoint
 from ip2p_jax.training.init import expand_input_channels
-from ip2p_jax.training.state import create_train_state, ema_decay, make_optimizer
+from ip2p_jax.training.state import apply_gradients, create_train_state, ema_decay, make_optimizer
 from ip2p_jax.training.step import StepSettings, apply_conditioning_dropout, conditioning_dropout, train_step
 from ip2p_jax.training.tiny import tiny_models
 
@@ -81,6 +81,24 @@ def test_ema_follows_the_reference_decay(setup):
     # first update: ema = ema - 0.9 * (ema - params), i.e. 0.1 * old + 0.9 * new
     old_leaf, new_leaf, ema_leaf = (jax.tree.leaves(t)[0] for t in (state.params, new.params, new.ema_params))
     np.testing.assert_allclose(ema_leaf, 0.1 * old_leaf + 0.9 * new_leaf, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_steps_the_optimizer_and_the_ema_every_k_batches():
+    """With accumulation 2 the params and the EMA change on every second batch only, from the mean gradient."""
+    params = {"w": jnp.array([1.0, -2.0])}
+    tx = make_optimizer(0.1, weight_decay=0.0, max_grad_norm=None, accumulation=2)
+    state = create_train_state(params, tx)
+    grads = [{"w": jnp.array([1.0, 0.5])}, {"w": jnp.array([3.0, -0.5])}]
+    first, _ = apply_gradients(state, grads[0], tx, accumulation=2, ema_max_decay=0.9999)
+    np.testing.assert_array_equal(first.params["w"], params["w"])
+    np.testing.assert_array_equal(first.ema_params["w"], params["w"])
+    assert int(first.ema_updates) == 0
+    second, _ = apply_gradients(first, grads[1], tx, accumulation=2, ema_max_decay=0.9999)
+    # AdamW's first step moves each weight by the learning rate against the sign of the mean gradient (2, 0).
+    np.testing.assert_allclose(second.params["w"], [0.9, -2.0], rtol=1e-6)
+    # The first EMA update: decay 0.1, so the EMA is 0.1 * old + 0.9 * new.
+    np.testing.assert_allclose(second.ema_params["w"], 0.1 * params["w"] + 0.9 * second.params["w"], rtol=1e-6)
+    assert int(second.ema_updates) == 1 and int(second.step) == 2
 
 
 def test_resume_equals_a_straight_run(setup, tmp_path):

@@ -14,55 +14,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ip2p_jax.random_models import random_text_encoder, random_unet, random_vae, text_encoder_config
+
 INITIAL_MODEL = "initial-model"  # where train.py keeps the new model a run started from, in its workdir
 # Stable Diffusion's noise schedule, the one every model trained here uses.
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-
-
-def text_encoder_config(config: Mapping[str, Any], tokenizer) -> dict[str, Any]:
-    """A transformers ``CLIPTextModel`` config: ``config``'s sizes with the tokenizer's vocabulary and ids."""
-    return {
-        "hidden_act": "quick_gelu",
-        "max_position_embeddings": tokenizer.model_max_length,
-        **dict(config),
-        "vocab_size": len(tokenizer),
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-
-
-def random_unet(config: Mapping[str, Any], key):
-    """``(module, params)`` of a UNet with this diffusers config, randomly initialised."""
-    import jax.numpy as jnp
-
-    from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
-
-    unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(config)))
-    cfg = unet.config
-    x = jnp.zeros((1, 8, 8, cfg.in_channels))
-    context = jnp.zeros((1, 77, cfg.cross_attention_dim[0]))  # per block in the config, one text width
-    return unet, unet.init(key, x, jnp.zeros((1,)), context)["params"]
-
-
-def random_vae(config: Mapping[str, Any], key):
-    """``(module, params)`` of an ``AutoencoderKL`` with this diffusers config, randomly initialised."""
-    import jax.numpy as jnp
-
-    from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
-
-    vae = AutoencoderKL(VAEConfig.from_diffusers(dict(config)))
-    return vae, vae.init(key, jnp.zeros((1, 8, 8, vae.config.in_channels)))["params"]
-
-
-def random_text_encoder(config: Mapping[str, Any], tokenizer, key):
-    """``(module, params)`` of a CLIP text encoder (transformers config dict, vocabulary from ``tokenizer``)."""
-    import jax.numpy as jnp
-
-    from ip2p_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-
-    text = CLIPTextModel(CLIPTextConfig.from_transformers(text_encoder_config(config, tokenizer)))
-    return text, text.init(key, jnp.zeros((1, 77), jnp.int32))["params"]
 
 
 def write_new_model(

@@ -81,8 +81,10 @@ def apply_gradients(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     optimizer_stepped = (state.step + 1) % accumulation == 0
-    ema = update_ema(state.ema_params, params, ema_decay(state.ema_updates, ema_max_decay))
-    ema = jax.tree.map(lambda new, old: jnp.where(optimizer_stepped, new, old), ema, state.ema_params)
+    # Between optimizer steps the decay is 1, which leaves the EMA as it is (one elementwise pass over it, no
+    # second copy of the weights for a select).
+    decay = jnp.where(optimizer_stepped, ema_decay(state.ema_updates, ema_max_decay), 1.0)
+    ema = update_ema(state.ema_params, params, decay)
     new_state = TrainState(
         step=state.step + 1,
         params=params,
