@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from worker import worker_result  # benchmarks/ is on sys.path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sample import MODELS, images, write_model  # noqa: E402
@@ -77,10 +78,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--worker", method, "--folder", str(folder)]
             command += ["--batch", str(args.batch), "--steps", str(args.steps), "--size", str(args.size)]
             command += ["--mask-downsample", str(args.mask_downsample)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{method} worker failed:\n{done.stderr[-4000:]}")
-            results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[method] = worker_result(command, method)
     ip2p, foi = results["ip2p"], results["foi"]
     title = f"{args.model} architecture (random weights), {args.size} px, batch {args.batch}, {args.steps} steps"
     print(f"# FoI (2 sub-instructions) vs IP2P, strength 0.8, {title}, float32")

@@ -17,11 +17,12 @@ import argparse
 import functools
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from worker import worker_result  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = [("a photo of a cat on a sofa", "a photo of a dog on a sofa"), ("a red car", "a blue car in snow")]
@@ -179,10 +180,7 @@ def worker_torch(pairs: int, steps: int, repeats: int, threads: int) -> dict:
 def run_worker(framework: str, args) -> dict:
     command = [sys.executable, __file__, "--worker", framework, "--pairs", str(args.pairs)]
     command += ["--steps", str(args.steps), "--repeats", str(args.repeats), "--torch-threads", str(args.torch_threads)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{framework} worker failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return worker_result(command, framework)
 
 
 def main() -> None:

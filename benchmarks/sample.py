@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from unet import SD15_UNET  # the same SD 1.5 UNet as benchmarks/unet.py (benchmarks/ is on sys.path)
+from worker import worker_result  # benchmarks/ is on sys.path
 
 SD15 = dict(
     unet=dict(SD15_UNET, sample_size=32),
@@ -139,10 +139,7 @@ def worker_torch(folder: str, batch: int, steps: int, size: int) -> dict:
 def run_worker(framework: str, folder: Path, batch: int, args) -> dict:
     command = [sys.executable, __file__, "--worker", framework, "--folder", str(folder), "--batches", str(batch)]
     command += ["--steps", str(args.steps), "--size", str(args.size)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{framework} worker failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return worker_result(command, framework)
 
 
 def main() -> None:

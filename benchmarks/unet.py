@@ -17,9 +17,10 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from worker import worker_result  # benchmarks/ is on sys.path
 
 SD15_UNET = dict(
     in_channels=8,
@@ -131,10 +132,7 @@ def run_worker(framework: str, args, size: int) -> dict:
         "--repeats",
         str(args.repeats),
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{framework} worker failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return worker_result(command, framework)
 
 
 def main() -> None:

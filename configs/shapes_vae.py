@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.shuffle_buffer = 2000
     config.global_batch_size = 12  # pairs: 24 pictures a step
     config.accumulation = 1
-    config.steps = 3000
+    config.steps = 4500
     config.learning_rate = 4e-4
     config.weight_decay = 0.0
     config.max_grad_norm = 1.0

@@ -1,0 +1,111 @@
+"""The shipped ShapesEdit model (``models/shapes-ip2p``): it loads in diffusers and here, README's first command
+runs on it, and ``evaluate.py`` runs end to end on a few ShapesEdit examples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluate
+import sample
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "shapes-ip2p"
+
+
+def test_the_model_is_small_and_complete():
+    size = sum(path.stat().st_size for path in MODEL.rglob("*") if path.is_file())
+    assert size <= 20 * 2**20, f"{size / 2**20:.1f} MiB"
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json", "foi_config.json"):
+        assert (MODEL / part).exists(), part
+
+
+def test_diffusers_and_we_make_the_same_edit():
+    """diffusers' PyTorch pipeline loads the shipped folder and edits like ours (same latents, Euler, 5 steps)."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    from ip2p_jax.pipeline import InstructPix2PixPipeline
+
+    image = Image.open(ROOT / "examples" / "shapes.png").convert("RGB")
+    prompt = "make the circle blue"
+    reference = StableDiffusionInstructPix2PixPipeline.from_pretrained(MODEL, safety_checker=None)
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    latents = np.random.RandomState(0).randn(1, 4, 16, 16).astype("f4")
+    settings = dict(num_inference_steps=5, guidance_scale=7.5, image_guidance_scale=1.5, output_type="np")
+    expected = reference(prompt, image=image, latents=torch.from_numpy(latents), **settings).images
+    ours = InstructPix2PixPipeline.from_pretrained(MODEL)
+    got = ours(image, prompt, scheduler="euler", latents=latents.transpose(0, 2, 3, 1), **settings).images
+    difference = np.abs(np.asarray(got) - expected).max()
+    print(f"shipped model, diffusers against ours, Euler, 5 steps: max abs pixel difference {difference:.2e}")
+    assert difference <= 2e-3
+
+
+def test_readme_edit_with_the_default_model(tmp_path):
+    """README's first command (fewer steps): two instructions with FoI and the comparison grid."""
+    out = tmp_path / "edited.png"
+    argv = ["--image", str(ROOT / "examples" / "shapes.png"), "--out", str(out), "--compare", "--steps", "10"]
+    argv += ["--instruction", "make the circle blue", "--keyword", "circle"]
+    argv += ["--instruction", "remove the square", "--keyword", "square"]
+    assert sample.main(argv) == 0
+    assert Image.open(out).size == (64, 64)
+    assert Image.open(out.with_suffix(".compare.png")).size == (5 * 256, 256)  # input | 2 masks | IP2P | FoI
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> str:
+    """A TFDS data_dir for ShapesEdit's small config (built on first use, shared by the module)."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory, small_data):
+    out = tmp_path_factory.mktemp("evaluation")
+    data = small_data
+    argv = ["--dataset", "shapes_edit/small", "--data-dir", data, "--limit", "2", "--steps", "4", "--out", str(out)]
+    assert evaluate.main(argv) == 0
+    return out
+
+
+def test_evaluate_writes_a_table_json_and_a_grid(evaluation):
+    record = json.loads((evaluation / "results.json").read_text())
+    assert set(record["results"]) == set(evaluate.SPLITS)
+    for split, methods in record["results"].items():
+        assert set(methods) == set(evaluate.METHODS)
+        for method, summary in methods.items():
+            assert summary["examples"] == 2
+            assert 0.0 <= summary["edit_success"] <= 1.0 and summary["outside_change"] >= 0.0
+            assert ("mask_iou" in summary) == method.startswith("foi"), (split, method)
+        per_example = record["per_example"][split]["foi"]
+        assert all(len(e["success"]) == len(e["mask_iou"]) for e in per_example)
+    table = (evaluation / "results.md").read_text()
+    assert table.count("\n") == 2 + len(evaluate.SPLITS) * len(evaluate.METHODS)
+    grid = np.asarray(Image.open(evaluation / "examples.png"))
+    # Two splits of 2 examples: input | truth | 3 mask tiles | IP2P | FoI, 64 px enlarged 3x.
+    assert grid.shape == (2 * 2 * 64 * 3, 7 * 64 * 3, 3)
+
+
+def test_evaluate_refuses_unknown_methods(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--methods", "ip2p,magic"])
+    assert "unknown method 'magic'" in capsys.readouterr().err
+
+
+def test_attention_localisation_tool(small_data):
+    """docs/shapes.md's attention figures come from this tool: it runs on the shipped model and gives rates."""
+    import importlib.util
+
+    path = ROOT / "tools" / "attention_localisation.py"
+    spec = importlib.util.spec_from_file_location("attention_localisation", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    argv = ["--dataset", "shapes_edit/small", "--data-dir", small_data, "--limit", "4", "--timesteps", "500"]
+    results = tool.main(argv)
+    assert set(results[500]) == {"keyword", "last word", "start token", "end token"}
+    for peak, ratio in results[500].values():
+        assert 0.0 <= peak <= 1.0 and ratio > 0.0
