@@ -66,8 +66,8 @@ def small_data(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory, small_data):
     out = tmp_path_factory.mktemp("evaluation")
-    data = small_data
-    argv = ["--dataset", "shapes_edit/small", "--data-dir", data, "--limit", "2", "--steps", "4", "--out", str(out)]
+    argv = ["--dataset", "shapes_edit/small", "--data-dir", small_data, "--limit", "2", "--steps", "4"]
+    argv += ["--out", str(out)]
     assert evaluate.main(argv) == 0
     return out
 

@@ -33,9 +33,11 @@ def main(argv=None) -> dict:
 
     import ip2p_jax.data.shapes_edit  # noqa: F401 (registers the builder)
     from ip2p_jax.evaluation import downsample_mask
+    from ip2p_jax.foi import SubInstruction, instruction_tokens
     from ip2p_jax.models.attention import RecordCrossAttention, mean_of_layers
     from ip2p_jax.pipeline import InstructPix2PixPipeline
-    from ip2p_jax.tokenizer import tokenize
+    from ip2p_jax.schedulers import SchedulerConfig
+    from ip2p_jax.weights import load_noise_schedule
 
     pipe = InstructPix2PixPipeline.from_pretrained(args.model)
     examples = [
@@ -44,22 +46,25 @@ def main(argv=None) -> dict:
         if e["kinds"][0].decode() != "background"
     ][: args.limit]
     instructions = [e["instruction"].decode() for e in examples]
-    ids = tokenize(pipe.tokenizer, instructions)
-    end_token = pipe.tokenizer.eos_token_id
-    roles = {"keyword": [], "last word": [], "start token": [], "end token": []}
-    for e, row in zip(examples, ids, strict=True):
-        keyword = pipe.tokenizer(e["keywords"][0].decode(), add_special_tokens=False)["input_ids"]
-        end = int(np.argmax(row == end_token))
-        roles["keyword"].append(int(np.flatnonzero(row == keyword[0])[0]))
-        roles["last word"].append(end - 1)
-        roles["start token"].append(0)
-        roles["end token"].append(end)
+    # Token weights per role, (B, 77) each; the keyword's are FoI's own (its tokens averaged, paper 4.1).
+    tokens = [
+        instruction_tokens(pipe.tokenizer, [SubInstruction(text, e["keywords"][0].decode())])
+        for text, e in zip(instructions, examples, strict=True)
+    ]
+    ends = [int(np.argmax(t.ids == pipe.tokenizer.eos_token_id)) for t in tokens]
+    one_hot = lambda positions: np.eye(len(tokens[0].ids), dtype=np.float32)[positions]  # noqa: E731
+    roles = {
+        "keyword": np.stack([t.keyword_weights[0] for t in tokens]),
+        "last word": one_hot([end - 1 for end in ends]),
+        "start token": one_hot([0] * len(tokens)),
+        "end token": one_hot(ends),
+    }
 
     image_latents = pipe.encode_image([e["input_image"] for e in examples])
     context = pipe.encode_prompt(instructions)
     latent_size = image_latents.shape[1:3]
     control = RecordCrossAttention(sizes=(tuple(latent_size),))
-    alphas_cumprod = np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)  # SD's scaled_linear
+    alphas_cumprod = SchedulerConfig(**load_noise_schedule(args.model)).alphas_cumprod()
     regions = np.stack([downsample_mask(e["regions"][0], tuple(latent_size)) for e in examples])
     scale = pipe.vae.config.scaling_factor
     results = {}
@@ -74,13 +79,13 @@ def main(argv=None) -> dict:
         maps = np.asarray(mean_of_layers(aux))  # (B, h, w, 77)
         print(f"t = {t}: {len(examples)} object edits, maps of {latent_size[0]}x{latent_size[1]}")
         results[t] = {}
-        for role, positions in roles.items():
+        for role, weights in roles.items():
+            role_maps = np.einsum("bhwt,bt->bhw", maps, weights)
             hits, ratios = [], []
-            for i, p in enumerate(positions):
-                m = maps[i, :, :, p]
+            for m, region in zip(role_maps, regions, strict=True):
                 peak = np.unravel_index(np.argmax(m), m.shape)
-                hits.append(bool(regions[i][peak]))
-                ratios.append(m[regions[i]].mean() / m.mean() if regions[i].any() else np.nan)
+                hits.append(bool(region[peak]))
+                ratios.append(m[region].mean() / m.mean() if region.any() else np.nan)
             results[t][role] = (float(np.mean(hits)), float(np.nanmean(ratios)))
             print(f"  {role:12s} peak in region {np.mean(hits):6.1%}   inside / overall {np.nanmean(ratios):5.2f}")
     area = regions.reshape(len(examples), -1).mean(axis=1)
