@@ -60,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--limit must be at least 1")
     if args.steps < 1 or args.batch < 1:
         parser.error("--steps and --batch must be at least 1")
+    from ip2p_jax.sampling import FoIConfig
+
+    try:  # the model's FoI settings (its foi_config.json), checked before anything is loaded
+        args.foi_config = FoIConfig.for_model(args.model)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -183,7 +189,6 @@ def main(argv=None) -> int:
 
     from ip2p_jax.data.input_pipeline import prepared_builder
     from ip2p_jax.pipeline import InstructPix2PixPipeline
-    from ip2p_jax.sampling import FoIConfig
     from ip2p_jax.weights import CheckpointError
 
     try:
@@ -192,7 +197,7 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    foi_config = FoIConfig.for_model(args.model)
+    foi_config = args.foi_config
     data = {split: load_split(builder, split, args.limit) for split in args.splits}
     batches = {split: [examples[i : i + args.batch] for i in range(0, len(examples), args.batch)]
                for split, examples in data.items()}  # fmt: skip
@@ -206,7 +211,11 @@ def main(argv=None) -> int:
                 figures = []
                 for number, batch in enumerate(split_batches):
                     bar.set_postfix_str(f"{split}, {method}")
-                    edits, masks = edit_batch(pipe, method, foi_config, batch, args, args.seed + number)
+                    try:  # a call's settings that do not fit the model, found before anything compiles
+                        edits, masks = edit_batch(pipe, method, foi_config, batch, args, args.seed + number)
+                    except ValueError as error:
+                        print(f"error: {method}: {error}", file=sys.stderr)
+                        return 1
                     figures += [judge(e, o, m) for e, o, m in zip(batch, edits, masks, strict=True)]
                     if number == 0:
                         shown[method] = (edits[:GRID_EXAMPLES], masks[:GRID_EXAMPLES])

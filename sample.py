@@ -17,7 +17,8 @@ spread over all devices:
     python sample.py --model DIR --manifest edits.jsonl --grid
 
 A bad item (missing or unreadable image, image under 64 px, empty instruction) is reported and skipped; the
-others still run, and the exit status is 1 if any item failed.
+others still run, and the exit status is 1 if any item failed. A setting out of its range (``--tau 2``) is an
+error that names it, before the model is loaded.
 """
 
 from __future__ import annotations
@@ -88,14 +89,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     foi.add_argument("--compare", action="store_true", help="write OUT.compare.png: input | masks | IP2P | FoI")
     # Unset FoI settings take the model folder's foi_config.json, else the paper's (FoIConfig.for_model).
-    foi.add_argument("--tau", default=None, help="mask threshold (0.5), or a range LOW,HIGH drawn per image")
-    foi.add_argument("--gamma", type=int, default=None, help="rounds of square + min-max (3)")
-    foi.add_argument("--mask-downsample", type=int, default=None, help="mask resolution = latent size / this (4)")
-    foi.add_argument("--mask-step", type=int, default=None, help="step run that builds the masks (0)")
+    foi.add_argument(
+        "--tau", default=None, help="mask threshold in [0, 1] (0.5), or a range LOW,HIGH within it drawn per image"
+    )
+    foi.add_argument("--gamma", type=int, default=None, help="rounds of square + min-max, >= 0 (3)")
+    foi.add_argument(
+        "--mask-downsample", type=int, default=None, help="mask resolution = latent size / this, a power of two (4)"
+    )
+    foi.add_argument("--mask-step", type=int, default=None, help="step run that builds the masks, >= 0 (0)")
     foi.add_argument("--no-modulation", action="store_true", help="ablation: no attention modulation")
-    foi.add_argument("--modulation-stop", type=float, default=None, help="fraction of steps with modulation (1)")
+    foi.add_argument(
+        "--modulation-stop", type=float, default=None, help="fraction of steps with modulation, in [0, 1] (1)"
+    )
     foi.add_argument("--no-decoupled-guidance", action="store_true", help="ablation: plain IP2P guidance")
-    foi.add_argument("--decoupled-fraction", type=float, default=None, help="fraction of steps with it (0.75)")
+    foi.add_argument(
+        "--decoupled-fraction", type=float, default=None, help="fraction of steps with it, in [0, 1] (0.75)"
+    )
     foi.add_argument("--outside-values", choices=("own", "image_only"), default=None, help="(own)")
     args = parser.parse_args(argv)
     single = [args.image, args.instruction, args.out]
@@ -134,7 +143,10 @@ def foi_config(args):
         decoupled_fraction=args.decoupled_fraction,
     )
     if args.tau is not None:
-        given["tau"] = tuple(float(x) for x in args.tau.split(",")) if "," in args.tau else float(args.tau)
+        try:
+            given["tau"] = tuple(float(x) for x in args.tau.split(",")) if "," in args.tau else float(args.tau)
+        except ValueError:
+            raise ValueError(f"--tau must be a number or a range LOW,HIGH, got {args.tau!r}") from None
     if args.no_modulation:
         given["modulation"] = False
     if args.no_decoupled_guidance:
@@ -282,15 +294,19 @@ def main(argv=None) -> int:
         scheduler=args.scheduler,
         seed=args.seed,
     )
-    if use_foi:
-        instructions = [item.instructions for item, _ in ready]
-        result = pipe(images, instructions=instructions, foi=args.foi_config, **common)
-    else:
-        result = pipe(images, [item.prompt for item, _ in ready], strength=args.strength, **common)
-    plain = None
-    if args.compare and use_foi:  # IP2P with the composite prompt, same steps, strength and seed
-        prompts = [item.prompt for item, _ in ready]
-        plain = pipe(images, prompts, strength=args.foi_config.strength, **common).images
+    try:  # the pipeline checks a call's settings against the model before it compiles anything
+        if use_foi:
+            instructions = [item.instructions for item, _ in ready]
+            result = pipe(images, instructions=instructions, foi=args.foi_config, **common)
+        else:
+            result = pipe(images, [item.prompt for item, _ in ready], strength=args.strength, **common)
+        plain = None
+        if args.compare and use_foi:  # IP2P with the composite prompt, same steps, strength and seed
+            prompts = [item.prompt for item, _ in ready]
+            plain = pipe(images, prompts, strength=args.foi_config.strength, **common).images
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     failed = bool(errors)
     for index, ((item, image), edited) in enumerate(zip(ready, result.images, strict=True)):
         try:

@@ -8,13 +8,14 @@ paper's words. Sections:
   * 4.2  cross-condition attention modulation: ``softmax(X + dX) * M + softmax(Y) * (1 - M)``;
   * 4.3  decoupled guidance: the text term of IP2P's guidance restricted to the union of the masks.
 
-The sampler that puts them together is ``ip2p_jax.foi_sampling``.
+The sampler that puts them together is ``make_foi_sampler`` in ``ip2p_jax.sampling``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Sequence
 
@@ -39,7 +40,8 @@ class SubInstruction:
       text: the instruction, e.g. ``"make the circle blue"``.
       keyword: the word (or words) naming the region to edit, e.g. ``"circle"``; it must occur in ``text`` as
         whole words (case-insensitive; the first occurrence counts). ``None`` uses all of the text's tokens.
-      alpha: strength of the attention boost for this sub-instruction's tokens (paper 4.2), finite.
+      alpha: strength of the attention boost for this sub-instruction's tokens (paper 4.2), finite and >= 0
+        (checked by ``instruction_tokens``; 0 is no boost).
     """
 
     text: str
@@ -107,6 +109,10 @@ def instruction_tokens(
       tokenizer: a (fast) CLIP tokenizer.
       instructions: ``k >= 1`` sub-instructions.
       slots: pad to this many sub-instruction slots (default ``k``).
+
+    Raises:
+      InstructionError: no sub-instruction, an empty one, an alpha that is not a finite number >= 0, a keyword not
+        in its sub-instruction, or a composite prompt over CLIP's 77 tokens.
     """
     if not instructions:
         raise InstructionError("an FoI edit needs at least one sub-instruction")
@@ -116,8 +122,13 @@ def instruction_tokens(
     for index, instruction in enumerate(instructions):
         if not instruction.text.strip():
             raise InstructionError(f"sub-instruction {index} is empty")
-        if not math.isfinite(instruction.alpha):
-            raise InstructionError(f"sub-instruction {index} ({instruction.text!r}) has alpha {instruction.alpha}")
+        alpha = instruction.alpha
+        if not (
+            isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha >= 0
+        ):
+            raise InstructionError(
+                f"sub-instruction {index} ({instruction.text!r}): alpha must be a finite number >= 0, got {alpha!r}"
+            )
     prompt, spans = composite_prompt(instructions)
     length = tokenizer.model_max_length
     encoded = tokenizer(prompt, return_offsets_mapping=True)
@@ -225,12 +236,36 @@ def draw_tau(key: jax.Array, tau: float | tuple[float, float]) -> jax.Array:
     return jax.random.uniform(key, (), jnp.float32, low, high)
 
 
+def _overlap_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """``(size_out, size_in)`` 0 / 1: output cell ``j`` covers ``[j, j + 1) * size_in / size_out`` of the input, and
+    is 1 where that interval overlaps input cell ``i``'s ``[i, i + 1)`` by a positive length (exact integers)."""
+    i, j = np.arange(size_in)[None, :], np.arange(size_out)[:, None]
+    return ((i * size_out < (j + 1) * size_in) & ((i + 1) * size_out > j * size_in)).astype(np.float32)
+
+
 def resize_masks(masks_bkhw: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Masks to another resolution: bilinear (half-pixel centres, no antialiasing), then ``>= 0.5``."""
+    """0 / 1 masks ``(B, K, h, w)`` to another resolution ``(B, K, *size)``, keeping them 0 / 1; per axis:
+
+    * shrinking: an output cell is inside when any input cell it overlaps is (max-pooling over the overlap, which
+      also serves ratios that are not whole, 19 -> 10): a 2 x 2 blob at 16 x 16 survives in an 8 x 8 layer, where
+      bilinear sampling and ``>= 0.5`` would leave 0.25 and erase it;
+    * enlarging: bilinear (half-pixel centres, no antialiasing), then ``>= 0.5``.
+
+    Both grids span the same image. Shrinking axes are pooled first; the order does not matter (bilinear's two
+    taps have weights summing to 1, so one of them carries at least 0.5).
+    """
+    height, width = masks_bkhw.shape[2:]
+    if (height, width) == tuple(size):
+        return masks_bkhw
+    if size[0] < height:
+        masks_bkhw = jnp.einsum("yi,bkix->bkyx", _overlap_matrix(height, size[0]), masks_bkhw)
+    if size[1] < width:
+        masks_bkhw = jnp.einsum("xj,bkyj->bkyx", _overlap_matrix(width, size[1]), masks_bkhw)
+    if size[0] < height or size[1] < width:
+        masks_bkhw = (masks_bkhw > 0).astype(jnp.float32)
     if tuple(masks_bkhw.shape[2:]) == tuple(size):
         return masks_bkhw
-    shape = (*masks_bkhw.shape[:2], *size)
-    resized = jax.image.resize(masks_bkhw, shape, method="bilinear", antialias=False)
+    resized = jax.image.resize(masks_bkhw, (*masks_bkhw.shape[:2], *size), method="bilinear", antialias=False)
     return (resized >= 0.5).astype(jnp.float32)
 
 

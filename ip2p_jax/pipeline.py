@@ -28,6 +28,7 @@ from ip2p_jax.sampling import (
     FoIInputs,
     SamplerInputs,
     SamplerSettings,
+    level_size,
     make_foi_sampler,
     make_ip2p_sampler,
 )
@@ -122,6 +123,7 @@ class InstructPix2PixPipeline:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._progress = _Progress()
         self._samplers: dict[SamplerSettings, Any] = {}
+        self._compiled: dict[tuple, Any] = {}  # (sampler, argument signature) -> compiled sampler
         self._encode_text = jax.jit(lambda p, ids: text_encoder.apply({"params": p}, ids))
         self._encode_image = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode")[0])
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z / vae.config.scaling_factor, method="decode"))
@@ -250,7 +252,8 @@ class InstructPix2PixPipeline:
             dual_guidance=guidance_scale > 1.0 and image_guidance_scale >= 1.0,
             scaling_factor=self.vae.config.scaling_factor,
         )
-        settings.scheduler.steps_for_strength(num_inference_steps, strength)  # validates early
+        # Everything that can be wrong with a call is found here, before anything is encoded or compiled.
+        settings.scheduler.steps_for_strength(num_inference_steps, strength)
         tokens = None
         if per_image is not None:
             slots = max(len(subs) for subs in per_image)
@@ -261,6 +264,8 @@ class InstructPix2PixPipeline:
             groups[x.shape].append(index)
         if latents is not None and len(groups) > 1:
             raise ValueError("latents= needs all images to have one size")
+        if foi is not None:
+            self._check_foi(foi, settings, [shape[:2] for shape in groups])
         null_context = self.encode_prompt([""])
         base_key = jax.random.key(seed)
         results: list[np.ndarray | None] = [None] * len(images)
@@ -314,6 +319,26 @@ class InstructPix2PixPipeline:
             self._samplers[key] = make_foi_sampler(apply, settings, foi, self.mesh, latent_size, self._progress)
         return self._samplers[key]
 
+    def _check_foi(self, foi: FoIConfig, settings: SamplerSettings, image_sizes: list[tuple[int, int]]) -> None:
+        """FoI settings that depend on the call or the model: the three guidance branches, a mask step among the
+        steps run, and a UNet with cross-attention layers at the mask resolution (``mask_downsample``)."""
+        if not settings.dual_guidance:
+            raise ValueError("FoI needs the three guidance branches (guidance_scale > 1, image_guidance_scale >= 1)")
+        if foi.mask_step >= settings.num_steps_run:
+            raise ValueError(
+                f"mask_step must be below the number of steps run ({settings.num_steps_run}), got {foi.mask_step}"
+            )
+        levels = self.unet.config.cross_attention_levels()
+        if foi.mask_level not in levels:
+            height, width = image_sizes[0]
+            latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+            sizes = [level_size(latent, level)[::-1] for level in levels]
+            raise ValueError(
+                f"mask_downsample {foi.mask_downsample}: the UNet has no cross-attention layer {foi.mask_level} "
+                f"levels below the latent; it has them at mask_downsample {', '.join(str(2**x) for x in levels)} "
+                f"(layers of {', '.join(f'{w}x{h}' for w, h in sizes)} for a {width}x{height} image)"
+            )
+
     def _encode_ids(self, ids: np.ndarray) -> jax.Array:
         x, n = self._shard(ids)
         return self._encode_text(self.params["text_encoder"], x)[:n]
@@ -326,19 +351,43 @@ class InstructPix2PixPipeline:
         return Scheduler(scheduler, self.scheduler.config)
 
     def _run(self, sampler, settings: SamplerSettings, arguments: tuple, n: int, progress: bool, description: str):
-        """Pads and shards one group's inputs, runs a jitted sampler with a progress bar, drops the padding."""
+        """Pads and shards one group's inputs, runs a jitted sampler with a progress bar, drops the padding.
+
+        The sampler is compiled ahead of time (once per argument shapes and shardings) under a "compiling" status
+        line, and the step bar starts after it, so that its time estimate counts steps only."""
         size = padded_size(n, self.mesh)
         sharding = batch_sharded(self.mesh)
         arguments = jax.tree.map(lambda x: jax.device_put(pad_batch(x, size), sharding), arguments)
+        arguments = (self.params["unet"], *arguments)
+        compiled = self._compile(sampler, arguments, progress, description)
         self._progress.bar = tqdm(total=settings.num_steps_run, desc=description, disable=not progress, leave=False)
         try:
-            out = sampler(self.params["unet"], *arguments)
+            out = compiled(*arguments)
             jax.block_until_ready(out)
             jax.effects_barrier()
         finally:
             self._progress.bar.close()
             self._progress.bar = None
         return jax.tree.map(lambda x: x[:n], out)
+
+    def _compile(self, sampler, arguments: tuple, progress: bool, description: str):
+        """The sampler compiled for these arguments, from the cache when their shapes, dtypes and shardings (host
+        arrays: none) have been seen with this sampler."""
+        leaves, treedef = jax.tree.flatten(arguments)
+        signature = tuple(
+            (np.shape(x), x.dtype, getattr(x, "weak_type", False), x.sharding if isinstance(x, jax.Array) else None)
+            for x in leaves
+        )
+        key = (sampler, treedef, signature)
+        if key not in self._compiled:
+            status = tqdm(
+                total=0, desc=f"{description}: compiling", bar_format="{desc}", disable=not progress, leave=False
+            )
+            try:
+                self._compiled[key] = sampler.lower(*arguments).compile()
+            finally:
+                status.close()
+        return self._compiled[key]
 
 
 def _instruction_lists(instructions) -> list[list[foi_lib.SubInstruction]]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -204,8 +206,10 @@ class FoIConfig:
       gamma: rounds of square + min-max in mask extraction (4.1).
       tau: mask threshold, a value or a ``(low, high)`` range drawn per image from its key (paper: [0.4, 0.7]).
       filter_size, filter_sigma: the Gaussian filter of the keyword maps (4.1).
-      mask_downsample: the mask resolution is the latent size divided by this (16 for a 64 x 64 latent); maps
-        are averaged over every cross-attention layer of that size.
+      mask_downsample: a power of two ``d``; the masks have the size of the UNet's layers ``log2(d)`` levels
+        below the latent (16 x 16 for a 64 x 64 latent and ``d = 4``; 19 x 13 for a 75 x 50 one: each level rounds
+        up, as the stride-2 convolutions do; ``mask_size``); maps are averaged over every cross-attention layer of
+        that size.
       mask_step: which step run records the maps and builds the masks (0 = the first); earlier steps are plain
         IP2P.
       modulation: cross-condition attention modulation on or off (4.2).
@@ -230,27 +234,103 @@ class FoIConfig:
     decoupled_fraction: float = 0.75
 
     def __post_init__(self):
+        """Checks every setting against its range, so that none can silently switch FoI off (a ``tau`` above 1 gives
+        empty masks and an edit that does almost nothing); the errors name the setting and its range. Numbers are
+        stored as Python ``int`` / ``float`` (NumPy scalars are accepted), ``tau`` ranges as tuples."""
+        real, integer = _check_real, _check_int
+        unit = lambda x: 0.0 <= x <= 1.0  # noqa: E731
+        settings = dict(
+            strength=real("strength", self.strength, "in (0, 1]", lambda x: 0.0 < x <= 1.0),
+            gamma=integer("gamma", self.gamma, "an integer >= 0", lambda x: x >= 0),
+            tau=_check_tau(self.tau),
+            filter_size=integer("filter_size", self.filter_size, "a positive odd integer", lambda x: x > 0 and x % 2),
+            filter_sigma=real("filter_sigma", self.filter_sigma, "a finite number > 0", lambda x: x > 0.0),
+            mask_downsample=integer(
+                "mask_downsample", self.mask_downsample, "a power of two >= 1", lambda x: x >= 1 and not x & (x - 1)
+            ),
+            mask_step=integer("mask_step", self.mask_step, "an integer >= 0", lambda x: x >= 0),
+            modulation_stop=real("modulation_stop", self.modulation_stop, "in [0, 1]", unit),
+            decoupled_fraction=real("decoupled_fraction", self.decoupled_fraction, "in [0, 1]", unit),
+        )
+        for name in ("modulation", "decoupled_guidance"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.outside_values not in ("own", "image_only"):
             raise ValueError(f"outside_values must be 'own' or 'image_only', got {self.outside_values!r}")
-        if self.gamma < 0 or self.mask_step < 0 or self.mask_downsample < 1:
-            raise ValueError("gamma and mask_step must be >= 0 and mask_downsample >= 1")
-        if not isinstance(self.tau, int | float) and not (len(self.tau) == 2 and self.tau[0] <= self.tau[1]):
-            raise ValueError(f"tau must be a number or a (low, high) range, got {self.tau!r}")
+        for name, value in settings.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def mask_level(self) -> int:
+        """The UNet resolution level of the masks: ``log2(mask_downsample)`` (0 at the latent's size)."""
+        return self.mask_downsample.bit_length() - 1
 
     @classmethod
     def for_model(cls, model: str | os.PathLike, **overrides) -> FoIConfig:
         """The paper's settings, updated by the model folder's ``foi_config.json`` where it has one (settings its
         makers chose for its architecture, e.g. the shipped ShapesEdit model's mask resolution), then by
-        ``overrides``. Unknown settings in the file are errors."""
+        ``overrides``. Unknown or invalid settings in the file are errors that name it (even when overridden)."""
         path = Path(model) / FOI_CONFIG
         settings = json.loads(path.read_text()) if path.is_file() else {}
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(settings) - names)
         if unknown:
             raise ValueError(f"{path}: unknown FoI settings {unknown}")
-        if isinstance(settings.get("tau"), list):
-            settings["tau"] = tuple(settings["tau"])
+        try:
+            cls(**settings)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from None
         return cls(**{**settings, **overrides})
+
+
+def _is_real(value) -> bool:
+    """A finite real number (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_real(name: str, value, expected: str, ok) -> float:
+    """``value`` as a ``float``, or a ``ValueError`` naming the setting and its range unless it is a finite real
+    number passing ``ok``."""
+    if not (_is_real(value) and ok(value)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value, expected: str, ok) -> int:
+    """``value`` as an ``int``, or a ``ValueError`` naming the setting and its range unless it is an integer (not a
+    bool) passing ``ok``."""
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and ok(value)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return int(value)
+
+
+def _check_tau(tau) -> float | tuple[float, float]:
+    """``tau`` as a ``float`` in [0, 1] or a ``(low, high)`` tuple with ``0 <= low <= high <= 1``."""
+    if isinstance(tau, list | tuple):
+        if not (len(tau) == 2 and all(map(_is_real, tau)) and 0.0 <= tau[0] <= tau[1] <= 1.0):
+            raise ValueError(f"tau must be a (low, high) range with 0 <= low <= high <= 1, got {tau!r}")
+        return float(tau[0]), float(tau[1])
+    return _check_real(
+        "tau", tau, "in [0, 1], or a (low, high) range with 0 <= low <= high <= 1", lambda x: 0 <= x <= 1
+    )
+
+
+def level_size(latent_size: tuple[int, int], level: int) -> tuple[int, int]:
+    """Spatial size ``(height, width)`` of the UNet's layers ``level`` downsamplings below the latent: each stride-2
+    3 x 3 convolution (padding 1) maps ``n`` to ``ceil(n / 2)``, so a latent of height 50 and width 75 has levels of
+    (25, 38) and (13, 19), not the floor division's (25, 37) and (12, 18)."""
+    height, width = latent_size
+    for _ in range(level):
+        height, width = -(-height // 2), -(-width // 2)
+    return height, width
+
+
+def mask_size(latent_size: tuple[int, int], mask_downsample: int) -> tuple[int, int]:
+    """The FoI mask resolution: the size of the UNet's layers at level ``log2(mask_downsample)``
+    (``mask_downsample`` a power of two)."""
+    if mask_downsample < 1 or mask_downsample & (mask_downsample - 1):
+        raise ValueError(f"mask_downsample must be a power of two >= 1, got {mask_downsample!r}")
+    return level_size(latent_size, mask_downsample.bit_length() - 1)
 
 
 class FoIInputs(struct.PyTreeNode):
@@ -274,8 +354,12 @@ def make_foi_sampler(
     """Builds the jitted FoI sampler: plain IP2P steps before ``mask_step``, the mask step peeled off (maps
     recorded, masks built), then a ``lax.scan`` of modulated steps; each step a ``shard_map`` over ``data``.
 
+    Args:
+      latent_size: ``(h, w)`` of the latents; the masks are ``mask_size(latent_size, foi_config.mask_downsample)``,
+        the size of the UNet's layers at level ``log2(mask_downsample)``.
+
     Returns:
-      ``sample(unet_params, inputs, foi_inputs) -> (latents (B, h, w, 4), masks (B, K, h/d, w/d))``.
+      ``sample(unet_params, inputs, foi_inputs) -> (latents (B, h, w, 4), masks (B, K, mh, mw))``.
     """
     from ip2p_jax import foi
     from ip2p_jax.models.attention import RecordCrossAttention, mean_of_layers
@@ -287,7 +371,7 @@ def make_foi_sampler(
     first, steps_run = settings.first_step, settings.num_steps_run
     if cfg.mask_step >= steps_run:
         raise ValueError(f"mask_step {cfg.mask_step} is not among the {steps_run} steps run")
-    mask_size = (latent_size[0] // cfg.mask_downsample, latent_size[1] // cfg.mask_downsample)
+    masks_hw = mask_size(latent_size, cfg.mask_downsample)
     train_steps = scheduler.config.num_train_timesteps
 
     def decoupled_mask(masks, run_index):
@@ -318,10 +402,16 @@ def make_foi_sampler(
         return scheduler.step(schedule, index, sample, eps, noise, previous_x0)
 
     def mask_step(unet_params, inputs, foi_inputs, sample, previous_x0, index):
-        control = RecordCrossAttention(sizes=(mask_size,))
+        control = RecordCrossAttention(sizes=(masks_hw,))
         eps_3b, aux = three_branch_eps(unet_params, inputs, sample, index, control)
-        if not aux:
-            raise ValueError(f"the UNet has no cross-attention layer of size {mask_size} (mask_downsample)")
+        if not aux:  # at trace time; the pipeline checks the UNet's config before it compiles anything
+            _, every = three_branch_eps(unet_params, inputs, sample, index, RecordCrossAttention())
+            sizes = sorted({tuple(maps.shape[1:3]) for maps in every.values()}, reverse=True)
+            raise ValueError(
+                f"mask_downsample {cfg.mask_downsample} asks for masks of {masks_hw[0]} x {masks_hw[1]} (a "
+                f"{latent_size[0]} x {latent_size[1]} latent halved {cfg.mask_level} times, rounding up), but the "
+                f"UNet has no cross-attention layer of that size; its layers have sizes {sizes}"
+            )
         maps = mean_of_layers(aux)[: sample.shape[0]]  # the text+image branch
         tau = jax.vmap(lambda key: foi.draw_tau(jax.random.fold_in(key, 2), cfg.tau))(inputs.keys)
         masks = foi.extract_masks(
@@ -371,7 +461,8 @@ def make_foi_sampler(
             return carry, None
 
         mask_index = first + cfg.mask_step
-        (latents, previous_x0), _ = jax.lax.scan(plain_body, (latents, previous_x0), jnp.arange(first, mask_index))
+        if cfg.mask_step > 0:  # (an empty scan would still trace, and compile, a UNet)
+            (latents, previous_x0), _ = jax.lax.scan(plain_body, (latents, previous_x0), jnp.arange(first, mask_index))
         latents, previous_x0, masks = sharded_mask(unet_params, inputs, foi_inputs, latents, previous_x0, mask_index)
         report(mask_index)
 

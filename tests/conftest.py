@@ -159,11 +159,20 @@ def make_text_encoder(name: str, vocab_size: int, seed: int = 0):
     return perturb_(CLIPTextModel(config), seed)
 
 
-def make_vae(seed: int = 0):
+# Four blocks, as Stable Diffusion's: the VAE downsamples 8x, so images of any multiple of 8 px are edited.
+TINY_VAE_8X = dict(
+    TINY_VAE,
+    block_out_channels=(8, 8, 8, 8),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
+
+
+def make_vae(seed: int = 0, config: dict = TINY_VAE):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return perturb_(AutoencoderKL(**TINY_VAE), seed)
+    return perturb_(AutoencoderKL(**config), seed)
 
 
 @pytest.fixture(scope="session")
@@ -190,6 +199,18 @@ def pipeline_dir(tmp_path_factory, tokenizer_dir, vocab_size) -> Path:
     shutil.copytree(tokenizer_dir, root / "tokenizer")
     EulerAncestralDiscreteScheduler.from_config(IP2P_SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionInstructPix2PixPipeline"}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir_vae8x(tmp_path_factory, pipeline_dir) -> Path:
+    """``pipeline_dir``'s model with a VAE that downsamples 8x (``TINY_VAE_8X``), as Stable Diffusion's does."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("tiny-ip2p-vae8x")
+    shutil.copytree(pipeline_dir, root, dirs_exist_ok=True)
+    shutil.rmtree(root / "vae")
+    make_vae(config=TINY_VAE_8X).save_pretrained(root / "vae")
     return root
 
 

@@ -1,4 +1,4 @@
-"""sample.py end to end on the tiny model, and its error paths."""
+"""sample.py end to end on the tiny model, and its error paths (and evaluate.py's for FoI settings)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,14 @@ def test_manifest_skips_bad_items_and_runs_the_rest(pipeline_dir, tmp_path, caps
         (["--scheduler", "heun", "--manifest", "x.jsonl"], "invalid choice: 'heun'"),
         (["--image", "a.png"], "give --image, --instruction and --out, or --manifest"),
         (["--manifest", "x.jsonl", "--strength", "0"], "--strength must be in (0, 1]"),
+        (["--manifest", "x.jsonl", "--tau", "2"], "tau must be in [0, 1], or a (low, high) range"),
+        (["--manifest", "x.jsonl", "--tau", "0.7,0.4"], "tau must be a (low, high) range with 0 <= low <= high <= 1"),
+        (["--manifest", "x.jsonl", "--tau", "half"], "--tau must be a number or a range LOW,HIGH, got 'half'"),
+        (["--manifest", "x.jsonl", "--gamma", "-1"], "gamma must be an integer >= 0, got -1"),
+        (["--manifest", "x.jsonl", "--mask-downsample", "3"], "mask_downsample must be a power of two >= 1, got 3"),
+        (["--manifest", "x.jsonl", "--mask-step", "-2"], "mask_step must be an integer >= 0, got -2"),
+        (["--manifest", "x.jsonl", "--modulation-stop", "2"], "modulation_stop must be in [0, 1], got 2.0"),
+        (["--manifest", "x.jsonl", "--decoupled-fraction", "-1"], "decoupled_fraction must be in [0, 1], got -1.0"),
     ],
 )
 def test_bad_arguments_exit_2(argv, message, capsys):
@@ -118,3 +126,22 @@ def test_keyword_count_must_match(capsys):
             ["--image", "a.png", "--out", "o.png", "--instruction", "a", "--instruction", "b", "--keyword", "a"]
         )
     assert "give one --keyword per --instruction (1 for 2)" in capsys.readouterr().err
+
+
+def test_a_mask_resolution_the_model_lacks_is_a_clean_error(pipeline_dir, tmp_path, capsys):
+    image = write_image(tmp_path / "in.png", 64)  # a 32 x 32 latent: the tiny UNet has layers at 1, 2 and 4
+    argv = ["--model", str(pipeline_dir), "--image", str(image), "--out", str(tmp_path / "o.png")]
+    argv += ["--instruction", "make the sky blue", "--keyword", "sky", "--mask-downsample", "8"]
+    assert sample.main(argv + FAST) == 1
+    assert "error: mask_downsample 8: the UNet has no cross-attention layer 3 levels below" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_evaluate_refuses_a_model_with_invalid_foi_settings(tmp_path, capsys):
+    import evaluate
+
+    (tmp_path / "foi_config.json").write_text('{"tau": [0.4, 1.5]}')
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "foi_config.json: tau must be a (low, high) range" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from transformers import CLIPTokenizer
 from ip2p_jax import foi
 from ip2p_jax.foi import InstructionError, SubInstruction
 from ip2p_jax.guidance import dual_guidance
+from ip2p_jax.sampling import FoIConfig, level_size, mask_size
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,13 @@ def test_missing_keyword_uses_all_tokens(tokenizer):
         ([SubInstruction("make the sky blue", "cat")], "keyword 'cat' does not occur in sub-instruction 0"),
         ([SubInstruction("make the sky blue", "bl")], "keyword 'bl' does not occur"),
         ([SubInstruction("make it red"), SubInstruction("  ")], "sub-instruction 1 is empty"),
-        ([SubInstruction("make it red", alpha=math.nan)], "has alpha nan"),
+        (
+            [SubInstruction("make it red", alpha=math.nan)],
+            r"sub-instruction 0 \('make it red'\): alpha must be a finite",
+        ),
+        ([SubInstruction("make it red", alpha=math.inf)], r"alpha must be a finite number >= 0, got inf"),
+        ([SubInstruction("a"), SubInstruction("make it red", alpha=-0.5)], r"sub-instruction 1 .* >= 0, got -0.5"),
+        ([SubInstruction("make it red", alpha="1")], r"alpha must be a finite number >= 0, got '1'"),
         ([], "at least one sub-instruction"),
         ([SubInstruction("make the sky blue " * 12), SubInstruction("red " * 30)], "CLIP reads 77"),
     ],
@@ -142,6 +149,48 @@ def test_resize_and_union():
     np.testing.assert_array_equal(np.asarray(foi.union_mask(masks))[0], [[1, 0], [0, 1]])
 
 
+def test_enlarging_is_bilinear_then_half():
+    # 2 -> 5 along one axis: output cell x samples the input at (x + 0.5) * 2 / 5 - 0.5 = -0.3, 0.1, 0.5, 0.9, 1.3,
+    # i.e. input cell 1's weight (clamped at the edges) is 0, 0.1, 0.5, 0.9, 1; >= 0.5 keeps the last three.
+    masks = jnp.asarray([[[[0.0, 1.0]]]])  # (1, 1, 1, 2)
+    np.testing.assert_array_equal(np.asarray(foi.resize_masks(masks, (1, 5)))[0, 0], [[0, 0, 1, 1, 1]])
+
+
+def test_a_small_mask_survives_shrinking():
+    # A 2 x 2 blob at rows 5-6, columns 9-10 of a 16 x 16 mask. In an 8 x 8 layer cell (y, x) covers rows
+    # [2y, 2y + 2) and columns [2x, 2x + 2): the blob touches rows 2 and 3 and columns 4 and 5. Bilinear sampling
+    # would read it at half-pixel centres 4.5, 6.5 / 8.5, 10.5 and give 0.5 * 0.5 = 0.25 < 0.5 everywhere.
+    masks = np.zeros((1, 1, 16, 16), np.float32)
+    masks[0, 0, 5:7, 9:11] = 1.0
+    small = np.asarray(foi.resize_masks(jnp.asarray(masks), (8, 8)))[0, 0]
+    expected = np.zeros((8, 8))
+    expected[2:4, 4:6] = 1.0
+    np.testing.assert_array_equal(small, expected)
+
+
+def test_shrinking_by_a_ratio_that_is_not_whole():
+    # 19 -> 10 rows: output row y covers [1.9 y, 1.9 (y + 1)). Input row 0 lies in output row 0 only, row 1
+    # ([1, 2)) overlaps output rows 0 and 1, row 9 ([9, 10)) rows 4 ([7.6, 9.5)) and 5 ([9.5, 11.4)), row 18 row 9.
+    masks = np.zeros((1, 1, 19, 3), np.float32)
+    masks[0, 0, [0, 1, 9, 18], 1] = 1.0
+    out = np.asarray(foi.resize_masks(jnp.asarray(masks), (10, 3)))[0, 0]
+    np.testing.assert_array_equal(out[:, 1], [1, 1, 0, 0, 1, 1, 0, 0, 0, 1])
+    assert out[:, [0, 2]].sum() == 0
+    # Touching a border is no overlap: input row 2 ([2, 3)) lies in output row 1 ([1.9, 3.8)) only.
+    masks = np.zeros((1, 1, 19, 1), np.float32)
+    masks[0, 0, 2] = 1.0
+    np.testing.assert_array_equal(np.asarray(foi.resize_masks(jnp.asarray(masks), (10, 1)))[0, 0, :, 0], np.eye(10)[1])
+
+
+def test_one_axis_shrinks_while_the_other_enlarges():
+    # 4 x 2 -> 2 x 4 with only cell (1, 0) inside: rows 4 -> 2 pool it into output row 0; columns 2 -> 4 sample
+    # at -0.25, 0.25, 0.75, 1.25, i.e. column 0's weight 1, 0.75, 0.25, 0: >= 0.5 keeps the first two.
+    masks = np.zeros((1, 1, 4, 2), np.float32)
+    masks[0, 0, 1, 0] = 1.0
+    out = np.asarray(foi.resize_masks(jnp.asarray(masks), (2, 4)))[0, 0]
+    np.testing.assert_array_equal(out, [[1, 1, 0, 0], [0, 0, 0, 0]])
+
+
 # ---------------------------------------------------------------------------------------------- 4.2 modulation
 
 
@@ -188,3 +237,59 @@ def test_decoupled_guidance_with_full_and_empty_masks():
         rtol=1e-6,
     )
     np.testing.assert_allclose(np.asarray(plain), e_none + 1.5 * (e_img - e_none) + 7.5 * (e_full - e_img), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- sizes and settings
+
+
+def test_levels_round_up_as_the_unet_does():
+    # A 600 x 400 image with Stable Diffusion's VAE: a 50 x 75 latent; each stride-2 convolution gives ceil(n / 2).
+    assert [level_size((50, 75), level) for level in range(4)] == [(50, 75), (25, 38), (13, 19), (7, 10)]
+    assert mask_size((50, 75), 4) == (13, 19) and mask_size((7, 9), 2) == (4, 5) and mask_size((7, 9), 1) == (7, 9)
+    with pytest.raises(ValueError, match="mask_downsample must be a power of two >= 1, got 3"):
+        mask_size((8, 8), 3)
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        (dict(strength=0.0), r"strength must be in \(0, 1\], got 0.0"),
+        (dict(strength=1.5), r"strength must be in \(0, 1\], got 1.5"),
+        (dict(gamma=-1), "gamma must be an integer >= 0, got -1"),
+        (dict(gamma=2.5), "gamma must be an integer >= 0, got 2.5"),
+        (dict(tau=2), r"tau must be in \[0, 1\], or a \(low, high\) range with 0 <= low <= high <= 1, got 2"),
+        (dict(tau=-0.1), r"tau must be in \[0, 1\]"),
+        (dict(tau=math.nan), r"tau must be in \[0, 1\].*got nan"),
+        (dict(tau=(0.7, 0.4)), r"tau must be a \(low, high\) range with 0 <= low <= high <= 1, got \(0.7, 0.4\)"),
+        (dict(tau=(0.4, 1.2)), r"tau must be a \(low, high\) range"),
+        (dict(tau=(0.4,)), r"tau must be a \(low, high\) range"),
+        (dict(filter_size=4), "filter_size must be a positive odd integer, got 4"),
+        (dict(filter_size=0), "filter_size must be a positive odd integer, got 0"),
+        (dict(filter_sigma=0.0), "filter_sigma must be a finite number > 0, got 0.0"),
+        (dict(filter_sigma=math.inf), "filter_sigma must be a finite number > 0, got inf"),
+        (dict(mask_downsample=3), "mask_downsample must be a power of two >= 1, got 3"),
+        (dict(mask_downsample=0), "mask_downsample must be a power of two >= 1, got 0"),
+        (dict(mask_step=-1), "mask_step must be an integer >= 0, got -1"),
+        (dict(modulation_stop=1.1), r"modulation_stop must be in \[0, 1\], got 1.1"),
+        (dict(decoupled_fraction=-0.25), r"decoupled_fraction must be in \[0, 1\], got -0.25"),
+        (dict(modulation="no"), "modulation must be True or False, got 'no'"),
+        (dict(outside_values="mine"), "outside_values must be 'own' or 'image_only', got 'mine'"),
+    ],
+)
+def test_invalid_settings_are_errors_that_name_the_setting(setting, message):
+    with pytest.raises(ValueError, match=message):
+        FoIConfig(**setting)
+
+
+def test_settings_are_stored_as_python_numbers():
+    config = FoIConfig(tau=[0.4, 0.7], gamma=np.int64(2), filter_sigma=np.float32(0.5), mask_downsample=np.int32(2))
+    assert config.tau == (0.4, 0.7) and type(config.gamma) is int and type(config.mask_downsample) is int
+    assert config.mask_level == 1 and FoIConfig(mask_downsample=1).mask_level == 0
+    assert hash(config) == hash(FoIConfig(tau=(0.4, 0.7), gamma=2, mask_downsample=2))  # a sampler cache key
+    assert FoIConfig(tau=1).tau == 1.0 and FoIConfig(tau=(0.0, 1.0)).tau == (0.0, 1.0)  # the ends are allowed
+
+
+def test_a_model_folder_with_an_invalid_setting_is_named(tmp_path):
+    (tmp_path / "foi_config.json").write_text('{"tau": 2}')
+    with pytest.raises(ValueError, match=r"foi_config.json: tau must be in \[0, 1\]"):
+        FoIConfig.for_model(tmp_path, tau=0.5)

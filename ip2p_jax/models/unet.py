@@ -126,6 +126,14 @@ class UNetConfig:
         fields = {f.name for f in dataclasses.fields(cls)} - {"num_heads"}
         return fields | set(_FIXED_SETTINGS) | set(_IGNORED_SETTINGS) | {"attention_head_dim"}
 
+    def cross_attention_levels(self) -> tuple[int, ...]:
+        """The resolution levels (0 at the latent's size, +1 per downsampling) that have cross-attention layers:
+        those of the ``CrossAttn`` down and up blocks, and the mid block's at the lowest level."""
+        n = len(self.down_block_types)
+        levels = {i for i, kind in enumerate(self.down_block_types) if kind == "CrossAttnDownBlock2D"}
+        levels |= {n - 1 - i for i, kind in enumerate(self.up_block_types) if kind == "CrossAttnUpBlock2D"}
+        return tuple(sorted(levels | {n - 1}))
+
     def validate(self) -> None:
         n = len(self.down_block_types)
         for name in (
