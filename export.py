@@ -3,12 +3,14 @@
     python export.py --workdir RUN --out DIR              # EMA weights of the latest checkpoint
     python export.py --workdir RUN --out DIR --step 2000 --weights params
 
-An InstructPix2Pix run (``task = "ip2p"``) becomes a pipeline folder: the UNet (safetensors, float32), the VAE,
-text encoder and tokenizer of the model the run started from (frozen in training, copied unchanged), an Euler
-ancestral scheduler over the training noise schedule and ``model_index.json``; diffusers'
-``StableDiffusionInstructPix2PixPipeline.from_pretrained`` and our ``InstructPix2PixPipeline.from_pretrained`` both
-load it. An autoencoder run (``task = "autoencoder"``) becomes a diffusers ``AutoencoderKL`` folder whose
-``scaling_factor`` is measured on the run's training data (``1 / std`` of latent samples).
+An InstructPix2Pix run (``task = "ip2p"``) or a text-to-image run (``"text_to_image"``) becomes a pipeline folder:
+the UNet (safetensors, float32), the VAE, text encoder and tokenizer of the model the run started from (frozen in
+training, copied unchanged), an Euler ancestral scheduler over the training noise schedule and ``model_index.json``;
+diffusers' ``StableDiffusionInstructPix2PixPipeline`` (or ``StableDiffusionPipeline``) and our
+``InstructPix2PixPipeline.from_pretrained`` load it. An autoencoder run (``task = "autoencoder"``) becomes a
+diffusers ``AutoencoderKL`` folder whose ``scaling_factor`` is measured on the run's training data (``1 / std`` of
+latent samples). A CLIP run (``"clip"``) becomes a transformers ``CLIPModel`` folder with its tokenizer and image
+processor settings.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def main(argv) -> None:
     from ip2p_jax.training import checkpoint
     from ip2p_jax.training.new_model import INITIAL_MODEL
     from ip2p_jax.weights import load_noise_schedule
-    from ip2p_jax.weights.export import export_ip2p, export_vae, ip2p_scheduler_config
+    from ip2p_jax.weights.export import export_clip, export_ip2p, export_vae, ip2p_scheduler_config
 
     logging.set_verbosity(logging.WARNING)
     workdir = Path(_WORKDIR.value)
@@ -78,14 +80,19 @@ def main(argv) -> None:
             vae_config = autoencoder_config(config)
             scaling_factor, psnr = measured_latents(config, vae_config, weights)
             out = export_vae(_OUT.value, weights, {**vae_config, "scaling_factor": scaling_factor})
-            what = f"autoencoder (scaling_factor {scaling_factor:.5f}, reconstruction PSNR {psnr:.2f} dB)"
+            what = f"an autoencoder (scaling_factor {scaling_factor:.5f}, reconstruction PSNR {psnr:.2f} dB)"
+        elif config.get("task") == "clip":
+            source = str(workdir / INITIAL_MODEL) if config["model"] == "new" else config["model"]
+            out = export_clip(_OUT.value, weights, source)
+            what = f"a CLIP (from {source})"
         else:
             source = str(workdir / INITIAL_MODEL) if config["model"] == "new" else config["model"]
             out = export_ip2p(_OUT.value, weights, source, ip2p_scheduler_config(**load_noise_schedule(source)))
-            what = f"InstructPix2Pix model (from {source})"
+            kind = "text-to-image" if config.get("task") == "text_to_image" else "InstructPix2Pix"
+            what = f"a {kind} model (from {source})"
     except (FileExistsError, ValueError, OSError) as error:
         sys.exit(f"export.py: {error}")
-    print(f"exported the {_WEIGHTS.value} weights of step {step}, an {what}, to {out}", file=sys.stderr)
+    print(f"exported the {_WEIGHTS.value} weights of step {step}, {what}, to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

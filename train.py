@@ -1,4 +1,5 @@
-"""Training on a device mesh: InstructPix2Pix (``config.task = "ip2p"``) or its autoencoder (``"autoencoder"``).
+"""Training on a device mesh: InstructPix2Pix (``config.task = "ip2p"``), its autoencoder (``"autoencoder"``), a
+CLIP (``"clip"``) or a text-to-image model (``"text_to_image"``).
 
     python train.py --config configs/tiny.py --workdir /tmp/run            # a minute on a CPU
     python train.py --config configs/tiny.py --workdir /tmp/run --resume   # continue from the last checkpoint
@@ -89,8 +90,11 @@ class Task:
       tx: the optimizer.
       step: ``(state, batch, key, frozen) -> (state, metrics)``, pure (jitted and sharded by ``main``).
       frozen: what the step reads but does not train (replicated).
-      batch: this host's data rows (``input_image``, ``edited_image``, ``instruction``) -> the step's arrays.
-      samples: ``(EMA params on the host, data rows) -> PIL grid`` for ``sample_every``.
+      batch: this host's data rows (``input_image``, ``edited_image``, ``instruction``; or ``image``, ``caption``
+        and the grounded words of the captioned-scene stream) -> the step's arrays.
+      samples: ``(EMA params on the host, data rows) -> PIL grid`` for ``sample_every``, or ``None``.
+      evaluate: ``EMA params on the host -> {name: value}`` for ``sample_every`` (held-out measurements, logged
+        and printed), or ``None``.
     """
 
     params: Any
@@ -98,7 +102,8 @@ class Task:
     step: Callable
     frozen: Any
     batch: Callable[[dict], dict]
-    samples: Callable[[Any, dict], Any]
+    samples: Callable[[Any, dict], Any] | None
+    evaluate: Callable[[Any], dict[str, float]] | None = None
 
 
 def optimizer(config):
@@ -200,7 +205,163 @@ def autoencoder_task(config, workdir: Path, main_process: bool) -> Task:
     return Task(params, tx, functools.partial(autoencoder_step, settings=settings), {}, batch, samples)
 
 
-TASKS = {"ip2p": ip2p_task, "autoencoder": autoencoder_task}
+def clip_task(config, workdir: Path, main_process: bool) -> Task:
+    """A CLIP trained contrastively on captioned scenes (``training/clip.py``), from ``config.new_model.clip``
+    (``model = "new"``, written to ``WORKDIR/initial-model``) or a transformers ``CLIPModel`` folder."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from ip2p_jax.clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from ip2p_jax.data import captioned_scenes
+    from ip2p_jax.tokenizer import tokenize
+    from ip2p_jax.training.clip import CLIPSettings, clip_step, retrieval_top1
+    from ip2p_jax.training.new_model import INITIAL_MODEL, write_new_clip
+    from ip2p_jax.weights import load_clip, load_tokenizer
+
+    source = config.model
+    if source == "new":
+        source = str(workdir / INITIAL_MODEL)
+        if main_process and not (workdir / INITIAL_MODEL / "config.json").is_file():
+            write_new_clip(source, **config.new_model.clip.to_dict(), seed=config.seed)
+        multihost_utils.sync_global_devices("initial model written")
+    clip, params = load_clip(source)
+    tokenizer = load_tokenizer(source, subfolder="")
+    tx = optimizer(config)
+    settings = CLIPSettings(clip, tx, config.ema_decay, config.accumulation, config.learning_rate)
+    mean, std = np.asarray(OPENAI_CLIP_MEAN, np.float32), np.asarray(OPENAI_CLIP_STD, np.float32)
+
+    def batch(rows):
+        # CLIP's processing of a picture already at the tower's size: [0, 1], CLIP's mean and std.
+        return {
+            "pixel_values": ((rows["image"] + 1) / 2 - mean) / std,
+            "input_ids": tokenize(tokenizer, list(rows["caption"])),
+        }
+
+    held_out = next(captioned_scenes.batches(config.seed, config.eval_count, stream="eval"))
+    held_out = batch(held_out)
+    encode = jax.jit(lambda p, x, ids: clip.apply({"params": p}, x, ids)[:2])
+
+    def evaluate(ema):
+        """Top-1 retrieval among ``eval_count`` held-out scenes, both ways."""
+        image_embeds, text_embeds = encode(ema, held_out["pixel_values"], held_out["input_ids"])
+        return retrieval_top1(np.asarray(image_embeds), np.asarray(text_embeds))
+
+    step = functools.partial(clip_step, settings=settings)
+    return Task(params, tx, step, {}, batch, samples=None, evaluate=evaluate)
+
+
+def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
+    """A text-to-image latent diffusion model on captioned scenes (``training/text_to_image.py``), optionally with
+    the grounding objective; the VAE and text encoder are frozen. Measures word localisation on held-out scenes."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ip2p_jax import parallel
+    from ip2p_jax.data import captioned_scenes
+    from ip2p_jax.localisation import localisation, noised_maps
+    from ip2p_jax.pipeline import postprocess, to_pil
+    from ip2p_jax.schedulers import Scheduler, SchedulerConfig
+    from ip2p_jax.text_to_image import TextToImageInputs, TextToImageSettings, make_text_to_image_sampler
+    from ip2p_jax.tokenizer import span_token_weights, tokenize
+    from ip2p_jax.training.text_to_image import TextToImageStepSettings, text_to_image_step
+    from ip2p_jax.weights import load_noise_schedule, load_text_encoder, load_tokenizer, load_unet, load_vae
+
+    model = model_source(config, workdir, main_process)
+    unet, params = load_unet(model)
+    if unet.config.in_channels != 4:
+        raise ValueError(f"text-to-image training needs a 4-channel UNet, {model} has {unet.config.in_channels}")
+    vae, vae_params = load_vae(model)
+    text, text_params = load_text_encoder(model)
+    tokenizer = load_tokenizer(model)
+    tx = optimizer(config)
+    betas = load_noise_schedule(model)
+    alphas_cumprod = SchedulerConfig(**betas).alphas_cumprod()
+    settings = TextToImageStepSettings(
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tx=tx,
+        alphas_cumprod=tuple(alphas_cumprod.tolist()),
+        caption_dropout=config.caption_dropout,
+        token_weight=config.grounding.token_weight,
+        pixel_weight=config.grounding.pixel_weight,
+        grounding_sizes=tuple(tuple(size) for size in config.grounding.sizes),
+        ema_max_decay=config.ema_decay,
+        accumulation=config.accumulation,
+        learning_rate=config.learning_rate,
+    )
+    encode_text = jax.jit(lambda ids: text.apply({"params": text_params}, ids))
+    null_context = encode_text(jnp.asarray(tokenize(tokenizer, [""])))
+    frozen = {"vae": vae_params, "text_encoder": text_params, "null_context": null_context}
+
+    def batch(rows):
+        captions = list(rows["caption"])
+        return {
+            "image": rows["image"],
+            "input_ids": tokenize(tokenizer, captions),
+            "token_weights": span_token_weights(tokenizer, captions, rows["word_spans"]),
+            "word_masks": rows["word_masks"],
+            "word_valid": (rows["word_spans"][..., 0] >= 0) & rows["word_masks"].any(axis=(2, 3)),
+        }
+
+    unet_apply = lambda p, *a: unet.apply({"params": p}, *a)  # noqa: E731
+    scale = vae.config.scaling_factor
+    latent_size = config.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    scheduler = Scheduler("euler_ancestral", SchedulerConfig(**betas, steps_offset=1))
+    sampler = make_text_to_image_sampler(
+        unet_apply,
+        TextToImageSettings(scheduler, config.sample_steps, (latent_size, latent_size), unet.config.in_channels),
+        parallel.data_mesh(jax.local_devices()[:1]),
+    )
+    decode = jax.jit(lambda z: vae.apply({"params": vae_params}, z / scale, method="decode"))
+
+    def samples(ema, rows):
+        """Rows of (training picture | a picture generated from its caption by the EMA UNet)."""
+        count = len(rows["caption"])
+        context = encode_text(jnp.asarray(tokenize(tokenizer, list(rows["caption"]))))
+        inputs = TextToImageInputs(
+            context=context,
+            null_context=jnp.broadcast_to(null_context, context.shape),
+            keys=jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.seed), i))(jnp.arange(count)),
+            guidance_scale=jnp.full((count,), config.sample_guidance_scale, jnp.float32),
+        )
+        generated = postprocess(decode(sampler(ema, inputs)))
+        grid = np.concatenate([postprocess(rows["image"]), generated], axis=2)
+        return to_pil(np.concatenate(list(grid), axis=0))
+
+    held_out = batch(next(captioned_scenes.batches(config.seed, config.eval_count, stream="eval")))
+    mean, _ = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method="encode"))(held_out["image"])
+    held_latents = scale * mean
+    held_context = encode_text(jnp.asarray(held_out["input_ids"]))
+    map_size = tuple(config.eval_map_size)
+    maps_at = jax.jit(
+        lambda p, noise, t, a: noised_maps(unet_apply, p, held_latents, noise, t, a, held_context, map_size),
+        static_argnums=2,  # the timestep: one compile per measured timestep
+    )
+    shape_words = np.arange(captioned_scenes.GROUNDED) < captioned_scenes.GROUNDED - 1  # the last is "background"
+
+    def evaluate(ema):
+        """Word localisation on held-out scenes: FoI's mask IoU and inside / mean, shape words and "background"."""
+        measured = {}
+        for t in config.eval_timesteps:
+            noise = jax.random.normal(jax.random.key(t), held_latents.shape)
+            maps = np.asarray(maps_at(ema, noise, int(t), float(alphas_cumprod[t])))
+            found = localisation(
+                maps, held_out["token_weights"], held_out["word_masks"], held_out["word_valid"],
+                gamma=config.eval_gamma, tau=config.eval_tau,
+            )  # fmt: skip
+            for name, words in (("shape", shape_words), ("background", ~shape_words)):
+                measured[f"{name}_iou_t{t}"] = float(np.nanmean(found["iou"][:, words]))
+                measured[f"{name}_inside_over_mean_t{t}"] = float(np.nanmean(found["inside_over_mean"][:, words]))
+        return measured
+
+    step = functools.partial(text_to_image_step, settings=settings)
+    return Task(params, tx, step, frozen, batch, samples=samples, evaluate=evaluate)
+
+
+TASKS = {"ip2p": ip2p_task, "autoencoder": autoencoder_task, "clip": clip_task, "text_to_image": text_to_image_task}
 
 
 def main(argv) -> None:
@@ -299,13 +460,21 @@ def main(argv) -> None:
                         tf.summary.scalar(name, value)
         if config.sample_every and (step + 1) % config.sample_every == 0:
             ema = multihost_utils.process_allgather(state.ema_params, tiled=True)  # every process takes part
-            if main_process:
+            if main_process and task.samples is not None:
                 grid = task.samples(ema, sample_rows)
                 path = workdir / "samples" / f"step_{step + 1:07d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 grid.save(path)
                 with writer.as_default(step=step + 1):
                     tf.summary.image("samples", np.asarray(grid)[None], step=step + 1)
+            if main_process and task.evaluate is not None:
+                measured = task.evaluate(ema)
+                bar.write(
+                    f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in measured.items()), file=sys.stderr
+                )
+                with writer.as_default(step=step + 1):
+                    for name, value in measured.items():
+                        tf.summary.scalar(f"eval/{name}", value)
         bar.update(1)
         if (step + 1) % config.save_every == 0 or step + 1 == total:
             checkpoint.save(manager, state, {"data_position": step + 1, "config": config.to_dict()})

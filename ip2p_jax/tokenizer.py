@@ -26,3 +26,21 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> np.ndarray:
             )
     encoded = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True)
     return np.asarray(encoded.input_ids, dtype=np.int32)
+
+
+def span_token_weights(tokenizer: CLIPTokenizer, prompts: Sequence[str], spans_bg2: np.ndarray) -> np.ndarray:
+    """Which tokens spell each character span: ``B`` prompts and ``(B, G, 2)`` spans ``[start, end)`` (``-1``
+    pads) -> ``(B, G, model_max_length)`` float32 weights, each valid span's tokens averaged (summing to 1), zero
+    rows for padding. A token belongs to a span when their characters overlap (the tokenizer's offsets)."""
+    max_length = tokenizer.model_max_length
+    spans = np.asarray(spans_bg2)
+    weights = np.zeros((*spans.shape[:2], max_length), np.float32)
+    for b, offsets in enumerate(tokenizer(list(prompts), return_offsets_mapping=True).offset_mapping):
+        for g, (start, end) in enumerate(spans[b]):
+            if start < 0:
+                continue
+            hits = [t for t, (s, e) in enumerate(offsets[:max_length]) if e > s and s < end and start < e]
+            if not hits:
+                raise ValueError(f"span {start}:{end} of {prompts[b]!r} has no token within the first {max_length}")
+            weights[b, g, hits] = 1.0 / len(hits)
+    return weights

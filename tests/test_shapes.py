@@ -129,3 +129,95 @@ def test_builder_is_deterministic_and_matches_the_generator(tmp_path):
             np.testing.assert_array_equal(record["regions"], example.regions)
             np.testing.assert_array_equal(record["object_masks"], example.object_masks)
             assert [k.decode() for k in record["keywords"]] == [e.keyword for e in example.edits]
+
+
+# The test splits of the default config as version 1.0.0 drew them (digests computed with that release's code):
+# captions came in 1.1.0 from a generator of their own and must not move a single pixel or mask.
+TEST_SPLIT_DIGESTS = {
+    "test_single": "9040cba2bf01ba5b2a5ef79026f9a04df6aa1014100c89bb88562d58cedad87d",
+    "test_multi": "4e17108a5c3ea00b22c05b831ac8206794b03779eeb7de881f0eca4361ba0c8e",
+}
+
+
+@pytest.mark.parametrize("split", sorted(TEST_SPLIT_DIGESTS))
+def test_test_splits_are_unchanged(split):
+    config = ShapesEditConfig(name="default")
+    digest = hashlib.sha256()
+    for index in range(config.num_test):
+        example = draw(config, split, index)
+        for array in (example.input_image, example.edited_image, example.regions, example.mask, example.object_masks):
+            digest.update(array.tobytes())
+        digest.update(example.instruction.encode())
+    assert digest.hexdigest() == TEST_SPLIT_DIGESTS[split]
+
+
+def _phrases(text: str) -> list[str]:
+    """The object phrases of a caption ("a red circle", ...), in caption order."""
+    objects = text.rsplit(" on ", 1)[0] if " on " in text else ""
+    return [p.strip() for p in objects.replace(" and ", ", ").split(",") if p.strip()]
+
+
+def _named(scene: shapes.Scene) -> set[str]:
+    return {f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape}" for o in scene.objects}
+
+
+def test_captions_by_hand():
+    circle = shapes.ShapeObject("circle", "red", 20, 20, 10)
+    square = shapes.ShapeObject("square", "orange", 45, 45, 9)
+    triangle = shapes.ShapeObject("triangle", "green", 45, 15, 8)
+    scene = shapes.Scene("white", True, (circle, square, triangle))
+    described = shapes.caption(scene, [2, 0, 1])
+    assert described.text == "a green triangle, a red circle and an orange square on a white striped background"
+    assert [described.text[s:e] for s, e in described.shape_spans] == ["circle", "square", "triangle"]
+    assert described.text[slice(*described.background_span)] == "background"
+    assert shapes.caption(shapes.Scene("gray", False, (circle,))).text == "a red circle on a gray background"
+    assert shapes.caption(shapes.Scene("black", False, ())).text == "a black background"
+    with pytest.raises(ValueError, match="permutation"):
+        shapes.caption(scene, [0, 0, 1])
+
+
+def test_caption_pairs_name_exactly_the_objects_and_follow_the_edits():
+    from ip2p_jax.data.shapes_edit import draw_captions
+
+    for split in ("train", "test_single", "test_multi"):
+        for index in range(40):
+            example = draw(CONFIG, split, index)
+            before, after = draw_captions(CONFIG, split, index, example)
+            edited = example.scene
+            for edit in example.edits:
+                edited = shapes.apply_edit(edited, edit)
+            for text, scene in ((before, example.scene), (after, edited)):
+                assert sorted(_phrases(text)) == sorted(_named(scene)), text
+                texture = " striped" if scene.textured else ""
+                assert text.endswith(f"a {scene.background}{texture} background"), text
+            # The edited caption keeps the input caption's order for the objects that remain.
+            kept = [p for p in _phrases(before) if p.split()[-1] not in {e.shape for e in example.edits}]
+            assert [p for p in _phrases(after) if p in kept] == kept, (before, after)
+            assert draw_captions(CONFIG, split, index, example) == (before, after)  # a pure function
+
+
+def test_captioned_scene_stream_covers_every_combination_and_grounds_its_words():
+    from ip2p_jax.data import captioned_scenes
+
+    seen = set()
+    for index in range(300):
+        element = captioned_scenes.draw(0, "train", index)
+        spans = [tuple(s) for s in element.word_spans if s[0] >= 0]
+        words = [element.caption[s:e] for s, e in spans]
+        assert words[-1] == "background" and set(words[:-1]) <= set(shapes.SHAPES), element.caption
+        for (start, _), mask in zip(element.word_spans[:-1], element.word_masks[:-1], strict=True):
+            if start >= 0:  # the object's mask has the colour the caption gives it
+                colour = element.caption[:start].split()[-1]
+                assert np.all(element.image[mask] == shapes.OBJECT_COLOURS[colour]), element.caption
+        background = element.word_masks[-1]
+        assert background.any() and not (background & element.word_masks[:-1].any(axis=0)).any()
+        seen |= {(word, element.caption[:start].split()[-1]) for (start, _), word in zip(spans, words, strict=True)}
+    every = {(shape, colour) for shape in shapes.SHAPES for colour in shapes.OBJECT_COLOURS}
+    assert every | {("background", c) for c in ("white", "gray", "black", "striped")} >= seen >= every
+    assert shapes.HELD_OUT <= seen
+    # Hosts take their rows of each global batch; the eval stream is another one.
+    whole = next(captioned_scenes.batches(0, 4, position=3))
+    halves = [next(captioned_scenes.batches(0, 4, position=3, process_index=p, process_count=2)) for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), whole["image"])
+    held_out = captioned_scenes.draw(0, "eval", 0)
+    assert all(held_out.caption != captioned_scenes.draw(0, "train", i).caption for i in range(300))

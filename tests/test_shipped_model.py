@@ -96,8 +96,8 @@ def test_evaluate_refuses_unknown_methods(capsys):
     assert "unknown method 'magic'" in capsys.readouterr().err
 
 
-def test_attention_localisation_tool(small_data):
-    """docs/shapes.md's attention figures come from this tool: it runs on the shipped model and gives rates."""
+def test_attention_localisation_tool(small_data, tmp_path):
+    """docs/shapes.md's localisation figures come from this tool: it runs on the shipped model and gives IoUs."""
     import importlib.util
 
     path = ROOT / "tools" / "attention_localisation.py"
@@ -105,7 +105,9 @@ def test_attention_localisation_tool(small_data):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     argv = ["--dataset", "shapes_edit/small", "--data-dir", small_data, "--limit", "4", "--timesteps", "500"]
-    results = tool.main(argv)
-    assert set(results[500]) == {"keyword", "last word", "start token", "end token"}
-    for peak, ratio in results[500].values():
-        assert 0.0 <= peak <= 1.0 and ratio > 0.0
+    results = tool.main([*argv, "--sweep", "--json", str(tmp_path / "figures.json")])
+    assert set(results[500]) <= {"recolour", "reshape", "remove", "background"} and results[500]
+    for iou, ratio in results[500].values():
+        assert 0.0 <= iou <= 1.0 and ratio > 0.0
+    sweeps = json.loads((tmp_path / "figures.json").read_text())["sweeps"]["500"]
+    assert len(sweeps) == len(tool.SWEEP_GAMMAS) * len(tool.SWEEP_TAUS)

@@ -1,95 +1,144 @@
-"""Does a model's cross-attention point at the object an instruction names? The question behind FoI's masks.
+"""Word localisation of any model folder: do its words' cross-attention maps land on the things they name?
 
-For the first ``--limit`` object edits (recolour, reshape, remove) of ShapesEdit's ``test_single``, the input
-picture's latent is noised to timestep ``t`` (as FoI's sampler sees it), the UNet runs once on the instruction,
-and the cross-attention maps of the largest attention layers are averaged over heads and layers. For each token
-role (the keyword, the instruction's last word, the start token, the end token) it prints how often the map's
-peak cell lies in the ground-truth region, and the map's mean inside the region over its mean everywhere
-(1: no preference). A model whose keyword maps do not find the object cannot give FoI masks that do.
+FoI's masks are read from the keyword's cross-attention, so this is the question behind them
+(``ip2p_jax/localisation.py`` says how it is measured). For a text-to-image folder (a 4-channel UNet) the prompts
+are captions of held-out scenes of the captioned-scene stream and the words are each object's shape word and
+``background``; for an InstructPix2Pix folder (8 channels) they are ``test_single``'s instructions with the input
+picture as conditioning, and the word is the instruction's keyword (its region: the edit's). Each table row is a
+timestep; the masks are FoI's own (``--gamma``, ``--tau``: the model folder's ``foi_config.json`` by default),
+and ``--sweep`` adds the IoU over a grid of both.
 
-    python tools/attention_localisation.py --model models/shapes-ip2p --limit 100
+    python tools/attention_localisation.py --model models/shapes-t2i
+    python tools/attention_localisation.py --model models/shapes-ip2p --limit 200 --sweep
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+SWEEP_GAMMAS, SWEEP_TAUS = (1, 2, 3), (0.3, 0.4, 0.5, 0.6, 0.7)
 
-def main(argv=None) -> dict:
-    """Prints the table; returns ``{t: {role: (peak in region, inside / overall)}}``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/shapes-ip2p")
-    parser.add_argument("--dataset", default="shapes_edit", help="TFDS name (and config), e.g. shapes_edit/small")
-    parser.add_argument("--data-dir", default=None, help="TFDS data_dir (default TFDS's)")
-    parser.add_argument("--limit", type=int, default=100)
-    parser.add_argument("--timesteps", default="900,700,500")
-    args = parser.parse_args(argv)
 
+def caption_prompts(pipe, count: int, seed: int = 0):
+    """Held-out captioned scenes: ``(images uint8, prompts, token weights (B, G, T), regions (B, G, H, W), valid
+    (B, G), word kinds (G,))``."""
+    from ip2p_jax.data import captioned_scenes
+    from ip2p_jax.tokenizer import span_token_weights
+
+    rows = captioned_scenes.batch([captioned_scenes.draw(seed, "eval", i) for i in range(count)])
+    prompts = list(rows["caption"])
+    weights = span_token_weights(pipe.tokenizer, prompts, rows["word_spans"])
+    valid = (rows["word_spans"][..., 0] >= 0) & rows["word_masks"].any(axis=(2, 3))
+    kinds = np.array(["shape word"] * (captioned_scenes.GROUNDED - 1) + ["background"])
+    images = ((rows["image"] + 1) * 127.5).round().astype(np.uint8)
+    return images, prompts, weights, rows["word_masks"], valid, kinds
+
+
+def instruction_prompts(pipe, count: int, dataset: str, data_dir: str | None):
+    """``test_single``'s first ``count`` examples, keyword weights as FoI computes them, the edit's region."""
     import tensorflow_datasets as tfds
 
     import ip2p_jax.data.shapes_edit  # noqa: F401 (registers the builder)
-    from ip2p_jax.evaluation import downsample_mask
     from ip2p_jax.foi import SubInstruction, instruction_tokens
-    from ip2p_jax.models.attention import RecordCrossAttention, mean_of_layers
+
+    examples = list(tfds.as_numpy(tfds.load(dataset, split=f"test_single[:{count}]", data_dir=data_dir)))
+    prompts = [e["instruction"].decode() for e in examples]
+    tokens = [
+        instruction_tokens(pipe.tokenizer, [SubInstruction(text, e["keywords"][0].decode())])
+        for text, e in zip(prompts, examples, strict=True)
+    ]
+    weights = np.stack([t.keyword_weights for t in tokens])  # (B, 1, T)
+    regions = np.stack([e["regions"][:1] for e in examples])
+    kinds = np.array([e["kinds"][0].decode() for e in examples])
+    images = np.stack([e["input_image"] for e in examples])
+    return images, prompts, weights, regions, np.ones(weights.shape[:2], bool), kinds
+
+
+def main(argv=None) -> dict:
+    """Prints the tables; returns ``{t: {word kind: (IoU, inside / mean)}}`` at the chosen gamma and tau."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/shapes-ip2p")
+    parser.add_argument("--limit", type=int, default=100, help="scenes (text-to-image) or examples (IP2P)")
+    parser.add_argument("--timesteps", default="300,500,700,800")
+    parser.add_argument("--gamma", type=int, default=None, help="default: the model's foi_config.json")
+    parser.add_argument("--tau", type=float, default=None, help="default: the model's foi_config.json")
+    parser.add_argument("--sweep", action="store_true", help=f"also IoU over gamma {SWEEP_GAMMAS} x tau {SWEEP_TAUS}")
+    parser.add_argument("--dataset", default="shapes_edit", help="IP2P: TFDS name (and config)")
+    parser.add_argument("--data-dir", default=None, help="IP2P: TFDS data_dir (default TFDS's)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    from ip2p_jax.localisation import localisation, noised_maps
     from ip2p_jax.pipeline import InstructPix2PixPipeline
+    from ip2p_jax.sampling import FoIConfig, mask_size
     from ip2p_jax.schedulers import SchedulerConfig
     from ip2p_jax.weights import load_noise_schedule
 
     pipe = InstructPix2PixPipeline.from_pretrained(args.model)
-    examples = [
-        e
-        for e in tfds.as_numpy(tfds.load(args.dataset, split="test_single", data_dir=args.data_dir))
-        if e["kinds"][0].decode() != "background"
-    ][: args.limit]
-    instructions = [e["instruction"].decode() for e in examples]
-    # Token weights per role, (B, 77) each; the keyword's are FoI's own (its tokens averaged, paper 4.1).
-    tokens = [
-        instruction_tokens(pipe.tokenizer, [SubInstruction(text, e["keywords"][0].decode())])
-        for text, e in zip(instructions, examples, strict=True)
-    ]
-    ends = [int(np.argmax(t.ids == pipe.tokenizer.eos_token_id)) for t in tokens]
-    one_hot = lambda positions: np.eye(len(tokens[0].ids), dtype=np.float32)[positions]  # noqa: E731
-    roles = {
-        "keyword": np.stack([t.keyword_weights[0] for t in tokens]),
-        "last word": one_hot([end - 1 for end in ends]),
-        "start token": one_hot([0] * len(tokens)),
-        "end token": one_hot(ends),
-    }
-
-    image_latents = pipe.encode_image([e["input_image"] for e in examples])
-    context = pipe.encode_prompt(instructions)
-    latent_size = image_latents.shape[1:3]
-    control = RecordCrossAttention(sizes=(tuple(latent_size),))
-    alphas_cumprod = SchedulerConfig(**load_noise_schedule(args.model)).alphas_cumprod()
-    regions = np.stack([downsample_mask(e["regions"][0], tuple(latent_size)) for e in examples])
-    scale = pipe.vae.config.scaling_factor
-    results = {}
-    for t in [int(t) for t in args.timesteps.split(",")]:
-        a = alphas_cumprod[t]
-        noise = jax.random.normal(jax.random.PRNGKey(t), image_latents.shape)
-        noisy = np.sqrt(a) * scale * image_latents + np.sqrt(1 - a) * noise
-        unet_input = jnp.concatenate([noisy, image_latents], axis=-1)
-        _, aux = pipe.unet.apply(
-            {"params": pipe.params["unet"]}, unet_input, jnp.full((len(examples),), t), context, control
+    foi = FoIConfig.for_model(args.model)
+    gamma = foi.gamma if args.gamma is None else args.gamma
+    tau = (foi.tau if isinstance(foi.tau, float | int) else sum(foi.tau) / 2) if args.tau is None else args.tau
+    ip2p = pipe.unet.config.in_channels == 8
+    if ip2p:
+        images, prompts, weights, regions, valid, kinds = instruction_prompts(
+            pipe, args.limit, args.dataset, args.data_dir
         )
-        maps = np.asarray(mean_of_layers(aux))  # (B, h, w, 77)
-        print(f"t = {t}: {len(examples)} object edits, maps of {latent_size[0]}x{latent_size[1]}")
+    else:
+        images, prompts, weights, regions, valid, kinds = caption_prompts(pipe, args.limit)
+    image_latents = pipe.encode_image(list(images))
+    latents = pipe.vae.config.scaling_factor * image_latents
+    context = pipe.encode_prompt(prompts)
+    latent_size = tuple(image_latents.shape[1:3])
+    size = mask_size(latent_size, foi.mask_downsample)
+    alphas_cumprod = SchedulerConfig(**load_noise_schedule(args.model)).alphas_cumprod()
+    apply = lambda p, *a: pipe.unet.apply({"params": p}, *a)  # noqa: E731
+    maps_at = jax.jit(
+        lambda noise, t, a: noised_maps(
+            apply, pipe.params["unet"], latents, noise, t, a, context, size, image_latents if ip2p else None
+        )
+    )
+    what = "instruction keywords" if ip2p else "caption words"
+    print(f"{args.model}: {len(prompts)} {what}, maps of {size[0]}x{size[1]}, FoI masks at gamma {gamma}, tau {tau}")
+    groups = {kind: kinds == kind for kind in dict.fromkeys(kinds)}  # (G,) word slots, or (B,) examples for IP2P
+    results, sweeps = {}, {}
+    for t in [int(t) for t in args.timesteps.split(",")]:
+        noise = jax.random.normal(jax.random.key(t), latents.shape)
+        maps = np.asarray(maps_at(noise, jnp.int32(t), jnp.float32(alphas_cumprod[t])))
+        found = localisation(maps, weights, regions, valid, gamma=gamma, tau=tau)
         results[t] = {}
-        for role, weights in roles.items():
-            role_maps = np.einsum("bhwt,bt->bhw", maps, weights)
-            hits, ratios = [], []
-            for m, region in zip(role_maps, regions, strict=True):
-                peak = np.unravel_index(np.argmax(m), m.shape)
-                hits.append(bool(region[peak]))
-                ratios.append(m[region].mean() / m.mean() if region.any() else np.nan)
-            results[t][role] = (float(np.mean(hits)), float(np.nanmean(ratios)))
-            print(f"  {role:12s} peak in region {np.mean(hits):6.1%}   inside / overall {np.nanmean(ratios):5.2f}")
-    area = regions.reshape(len(examples), -1).mean(axis=1)
-    print(f"chance of a random peak in the region: {area.mean():.1%}")
+        for kind, chosen in groups.items():
+            pick = (lambda x, chosen=chosen: x[chosen]) if ip2p else (lambda x, chosen=chosen: x[:, chosen])
+            results[t][kind] = (
+                float(np.nanmean(pick(found["iou"]))),
+                float(np.nanmean(pick(found["inside_over_mean"]))),
+            )
+        row = "   ".join(
+            f"{kind} IoU {iou:.3f} (inside / mean {ratio:.2f})" for kind, (iou, ratio) in results[t].items()
+        )
+        print(f"t = {t}: {row}")
+        if args.sweep:
+            sweeps[t] = {
+                f"gamma {g}, tau {x}": float(
+                    np.nanmean(localisation(maps, weights, regions, valid, gamma=g, tau=x)["iou"])
+                )
+                for g in SWEEP_GAMMAS
+                for x in SWEEP_TAUS
+            }
+    if args.sweep:
+        print("IoU of every word, gamma (rows) x tau (columns):")
+        for t, sweep in sweeps.items():
+            print(f"t = {t}")
+            print("         " + "".join(f"{x:>8}" for x in SWEEP_TAUS))
+            for g in SWEEP_GAMMAS:
+                print(f"gamma {g}  " + "".join(f"{sweep[f'gamma {g}, tau {x}']:8.3f}" for x in SWEEP_TAUS))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "sweeps": sweeps}, indent=2) + "\n")
     return results
 
 

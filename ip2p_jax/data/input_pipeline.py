@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import numpy as np
 
 SYNTHETIC = "synthetic"
+CAPTIONED_SCENES = "shapes_captions"  # the endless stream of captioned scenes (``captioned_scenes.py``)
+STREAMS = (SYNTHETIC, CAPTIONED_SCENES)  # generated as they are read: no builder
 BUILDERS = ("ip2p_original", "ip2p_manifest", "shapes_edit")  # a name may carry a config: "shapes_edit/small"
 PROCEDURAL = ("shapes_edit",)  # built from nothing (no manual dir)
 TRAINING_FEATURES = ("input_image", "edited_image", "instruction")
@@ -122,7 +124,7 @@ def prepared_builder(name: str, data_dir: str | None, manual_dir: str | None, *,
 
     base = name.split("/")[0]
     if base not in BUILDERS:
-        raise ValueError(f"unknown data set {name!r}: use {SYNTHETIC!r} or one of {BUILDERS}")
+        raise ValueError(f"unknown data set {name!r}: use one of {STREAMS} or {BUILDERS}")
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
         if not manual_dir and base not in PROCEDURAL:
@@ -134,9 +136,9 @@ def prepared_builder(name: str, data_dir: str | None, manual_dir: str | None, *,
 
 
 def builder_from_config(config, main_process: bool = True):
-    """The prepared TFDS builder of a training config's ``data`` (``None`` for the synthetic stream). Process 0
+    """The prepared TFDS builder of a training config's ``data`` (``None`` for the generated streams). Process 0
     builds it if needed (from ``manual_dir`` unless procedural) while the other processes wait."""
-    if config.data == SYNTHETIC:
+    if config.data in STREAMS:
         return None
     from jax.experimental import multihost_utils
 
@@ -149,7 +151,8 @@ def builder_from_config(config, main_process: bool = True):
 def batches_from_config(config, builder, micro_batch: int, position: int) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of each global batch of ``micro_batch`` pairs from data position ``position`` on, as a
     training config describes them: numpy dicts with ``input_image``, ``edited_image`` ``(b, S, S, 3)`` float32 in
-    [-1, 1] and ``instruction`` ``(b,)`` str, ``b = micro_batch / process_count``."""
+    [-1, 1] and ``instruction`` ``(b,)`` str, ``b = micro_batch / process_count`` (for ``shapes_captions``, the
+    rows of ``captioned_scenes.batches``)."""
     import itertools
 
     import jax
@@ -157,6 +160,12 @@ def batches_from_config(config, builder, micro_batch: int, position: int) -> Ite
     from ip2p_jax.data.synthetic import process_rows, synthetic_batch
 
     index, count = jax.process_index(), jax.process_count()
+    if config.data == CAPTIONED_SCENES:
+        from ip2p_jax.data import captioned_scenes
+
+        yield from captioned_scenes.batches(
+            config.seed, micro_batch, position=position, process_index=index, process_count=count
+        )
     if builder is None:
         for step in itertools.count(position):
             yield process_rows(synthetic_batch(config.seed, step, micro_batch, config.resolution), index, count)

@@ -9,6 +9,9 @@ is one of
 * ``remove``: "remove the triangle"; its region is the object, which becomes background;
 * ``background``: "make the background black"; its region is every pixel outside the objects.
 
+Every scene has a caption naming its objects and background ("a red circle and an orange triangle on a white
+striped background", objects in random order), and every example its input and edited captions.
+
 Every pixel outside an edit's region is equal in the input and the edited picture, except in *leaky* examples
 (training only), whose edited picture also shifts everything outside the region slightly: towards the instructed
 colour, or brighter / darker. That reproduces the over-editing that InstructPix2Pix learns from its generated
@@ -40,7 +43,8 @@ BACKGROUND_COLOURS = {"white": (235, 235, 235), "gray": (128, 128, 128), "black"
 PALETTE = {**OBJECT_COLOURS, **BACKGROUND_COLOURS}
 HELD_OUT = frozenset({("triangle", "blue"), ("circle", "yellow"), ("square", "purple"), ("diamond", "red")})
 EDIT_KINDS = ("recolour", "reshape", "remove", "background")
-WORDS = ("make", "the", "turn", "into", "a", "remove", "background", *SHAPES, *PALETTE)  # the vocabulary
+CAPTION_WORDS = ("an", "on", "and", "striped")  # captions' words beyond the instructions'
+WORDS = ("make", "the", "turn", "into", "a", "remove", "background", *SHAPES, *PALETTE, *CAPTION_WORDS)  # vocabulary
 
 RADIUS = (8, 12)  # an object's half-size in pixels
 STRIPE_PERIOD, STRIPE_AMPLITUDE = 12, 18  # textured backgrounds: diagonal sinusoidal stripes
@@ -150,6 +154,74 @@ def edit_region(scene: Scene, edit: Edit) -> np.ndarray:
 
 def combinations(scene: Scene) -> set[tuple[str, str]]:
     return {(obj.shape, obj.colour) for obj in scene.objects}
+
+
+# ---------------------------------------------------------------------------------------------- captions
+
+
+@dataclasses.dataclass(frozen=True)
+class Caption:
+    """A scene's caption and where its nouns are, for grounding words on pixels.
+
+    Attributes:
+      text: e.g. ``"a red circle, a green square and an orange triangle on a white striped background"``.
+      shape_spans: per object of the scene (scene order, not caption order), the character span ``[start, end)``
+        of its shape word.
+      background_span: the character span of the word ``background``.
+    """
+
+    text: str
+    shape_spans: tuple[tuple[int, int], ...]
+    background_span: tuple[int, int]
+
+
+def _with_article(words: str) -> str:
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
+
+def caption(scene: Scene, order: Sequence[int] | None = None) -> Caption:
+    """The caption naming ``scene``'s objects (in ``order``, indices into ``scene.objects``; default scene order)
+    and its background: "a red circle and a blue square on a gray background"; with no object, "a gray background".
+    """
+    order = range(len(scene.objects)) if order is None else order
+    if sorted(order) != list(range(len(scene.objects))):
+        raise ValueError(f"order {list(order)} is not a permutation of the scene's {len(scene.objects)} objects")
+    text, spans = "", {}
+    for position, index in enumerate(order):
+        if position:
+            text += " and " if position == len(scene.objects) - 1 else ", "
+        obj = scene.objects[index]
+        text += _with_article(f"{obj.colour} {obj.shape}")
+        spans[index] = (len(text) - len(obj.shape), len(text))
+    background = _with_article(f"{scene.background}{' striped' if scene.textured else ''} background")
+    text += f" on {background}" if scene.objects else background
+    span = (len(text) - len("background"), len(text))
+    return Caption(text, tuple(spans[i] for i in range(len(scene.objects))), span)
+
+
+def edited_object_indices(scene: Scene, edits: Sequence[Edit]) -> list[int]:
+    """For each object of the scene after ``edits``, the index of the object of ``scene`` it was (``apply_edit``
+    replaces objects in place and deletes removed ones)."""
+    current, indices = scene, list(range(len(scene.objects)))
+    for edit in edits:
+        if edit.kind == "remove":
+            del indices[current.object_index(edit.shape)]
+        current = apply_edit(current, edit)
+    return indices
+
+
+def caption_pair(example: Example, rng: np.random.Generator) -> tuple[str, str]:
+    """The example's input and edited captions (the paper's triple is ``(input caption, instruction, edited
+    caption)``): the objects in one random order, kept in the edited caption, removed objects left out. A leak
+    is not captioned."""
+    scene = example.scene
+    order = [int(i) for i in rng.permutation(len(scene.objects))]
+    edited = scene
+    for edit in example.edits:
+        edited = apply_edit(edited, edit)
+    survivors = edited_object_indices(scene, example.edits)
+    edited_order = [survivors.index(i) for i in order if i in survivors]
+    return caption(scene, order).text, caption(edited, edited_order).text
 
 
 # ---------------------------------------------------------------------------------------------- random draws

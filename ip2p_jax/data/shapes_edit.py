@@ -8,7 +8,8 @@ function of ``(seed, split, i)``: the same config builds the same bytes on any m
     builder = tfds.builder("shapes_edit", data_dir=DATA)              # "shapes_edit/small" for tests
     builder.download_and_prepare()
 
-Features: ``input_image``, ``edited_image`` (64 x 64 x 3 PNG), ``instruction`` (the composite prompt), and for
+Features: ``input_image``, ``edited_image`` (64 x 64 x 3 PNG), ``instruction`` (the composite prompt),
+``input_caption`` and ``edited_caption`` (the caption triple with the instruction), and for
 judging edits: ``instructions`` / ``keywords`` / ``kinds`` / ``values`` (one per instruction), ``regions``
 ``(K, 64, 64)`` and ``mask`` ``(64, 64)`` bool ground truth of what may change, ``object_masks`` ``(N, 64, 64)`` with
 ``object_shapes`` / ``object_colours``, ``background``, ``leak``.
@@ -24,6 +25,7 @@ import tensorflow_datasets as tfds
 from ip2p_jax.data import shapes
 
 SPLIT_SEEDS = {"train": 0, "test_single": 1, "test_multi": 2}
+CAPTION_STREAM = 1  # captions draw from their own generator, so the examples' draws are those of version 1.0.0
 
 
 @dataclasses.dataclass
@@ -36,13 +38,15 @@ class ShapesEditConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
 
-def example_features(example: shapes.Example) -> dict:
-    """A ``shapes.Example`` as the builder's feature dict."""
+def example_features(example: shapes.Example, captions: tuple[str, str]) -> dict:
+    """A ``shapes.Example`` and its ``(input caption, edited caption)`` as the builder's feature dict."""
     scene = example.scene
     return {
         "input_image": example.input_image,
         "edited_image": example.edited_image,
         "instruction": example.instruction,
+        "input_caption": captions[0],
+        "edited_caption": captions[1],
         "instructions": [edit.instruction for edit in example.edits],
         "keywords": [edit.keyword for edit in example.edits],
         "kinds": [edit.kind for edit in example.edits],
@@ -63,10 +67,20 @@ def draw(config: ShapesEditConfig, split: str, index: int) -> shapes.Example:
     return shapes.draw_example(rng, split, config.leak_fraction)
 
 
+def draw_captions(config: ShapesEditConfig, split: str, index: int, example: shapes.Example) -> tuple[str, str]:
+    """The input and edited captions of example ``index`` of ``split`` (objects in an order of their own draw)."""
+    rng = np.random.default_rng([config.seed, SPLIT_SEEDS[split], index, CAPTION_STREAM])
+    return shapes.caption_pair(example, rng)
+
+
 class ShapesEdit(tfds.core.GeneratorBasedBuilder):
     """ShapesEdit: instruction edits of flat-shape scenes with exact masks (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Scenes, edits, regions and object masks.",
+        "1.1.0": "Input and edited captions (the paper's caption triples); every example as in 1.0.0.",
+    }
     BUILDER_CONFIGS = [
         ShapesEditConfig(name="default", description="20,000 training and 200 + 200 test examples"),
         ShapesEditConfig(name="small", description="for tests", num_train=64, num_test=8),
@@ -83,6 +97,8 @@ class ShapesEdit(tfds.core.GeneratorBasedBuilder):
                 "input_image": tfds.features.Image(shape=(size, size, 3)),
                 "edited_image": tfds.features.Image(shape=(size, size, 3)),
                 "instruction": tfds.features.Text(),
+                "input_caption": tfds.features.Text(),
+                "edited_caption": tfds.features.Text(),
                 "instructions": texts,
                 "keywords": texts,
                 "kinds": texts,
@@ -106,4 +122,5 @@ class ShapesEdit(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, count: int):
         for index in range(count):
-            yield index, example_features(draw(self.builder_config, split, index))
+            example = draw(self.builder_config, split, index)
+            yield index, example_features(example, draw_captions(self.builder_config, split, index, example))

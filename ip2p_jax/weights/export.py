@@ -40,13 +40,18 @@ def torch_key(path: tuple[str, ...]) -> str:
 
 
 def torch_state_dict(
-    params: Mapping, *, is_conv_1x1: Callable[[str], bool] = lambda key: False, strip_prefix: str = ""
+    params: Mapping,
+    *,
+    is_conv_1x1: Callable[[str], bool] = lambda key: False,
+    strip_prefix: str = "",
+    bare_parameters: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
     """A PyTorch state dict (float32 NumPy arrays) for a Flax parameter tree. ``is_conv_1x1(key)`` names the
-    linear maps PyTorch keeps as 1x1 convolutions; ``strip_prefix`` is removed from the front of every key."""
+    linear maps PyTorch keeps as 1x1 convolutions; ``strip_prefix`` is removed from the front of every key;
+    ``bare_parameters`` are PyTorch keys of parameters that are no module's ``weight`` (CLIP's ``logit_scale``)."""
     state = {}
     for path, value in traverse_util.flatten_dict(dict(params)).items():
-        key = torch_key(path)
+        key = ".".join(path) if ".".join(path) in bare_parameters else torch_key(path)
         if strip_prefix and key.startswith(strip_prefix):
             key = key[len(strip_prefix) :]
         tensor = np.asarray(value, np.float32)
@@ -56,7 +61,7 @@ def torch_state_dict(
             tensor = tensor.T
             if is_conv_1x1(key):
                 tensor = tensor[:, :, None, None]
-        state[key] = np.ascontiguousarray(tensor)
+        state[key] = np.array(tensor, order="C")  # ascontiguousarray would make a 0-d tensor 1-d
     return state
 
 
@@ -77,11 +82,14 @@ def save_component(
     *,
     is_conv_1x1: Callable[[str], bool] = lambda key: False,
     strip_prefix: str = "",
+    bare_parameters: tuple[str, ...] = (),
 ) -> Path:
     """Writes ``folder/config.json`` and ``folder/<weights_name>`` (float32 safetensors). Returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = torch_state_dict(params, is_conv_1x1=is_conv_1x1, strip_prefix=strip_prefix)
+    state = torch_state_dict(
+        params, is_conv_1x1=is_conv_1x1, strip_prefix=strip_prefix, bare_parameters=bare_parameters
+    )
     save_file(state, str(folder / weights_name), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
     return folder
@@ -104,6 +112,48 @@ def save_text_encoder(folder: str | Path, params: Mapping, config: Mapping[str, 
     return save_component(folder, params, config, TRANSFORMERS_WEIGHTS, strip_prefix="text_model.")
 
 
+def save_clip(folder: str | Path, params: Mapping, config: Mapping[str, Any]) -> Path:
+    """A transformers ``CLIPModel`` folder (both towers, projections, ``logit_scale``); ``config`` is its
+    ``config.json`` dict."""
+    from ip2p_jax.models.clip import BARE_PARAMETERS
+
+    config = {"architectures": ["CLIPModel"], "model_type": "clip", **config}
+    return save_component(folder, params, config, TRANSFORMERS_WEIGHTS, bare_parameters=BARE_PARAMETERS)
+
+
+def clip_preprocessor_config(image_size: int) -> dict:
+    """``preprocessor_config.json`` of a CLIP trained on ``image_size`` px pictures: CLIP's standard processing
+    (bicubic resize of the shortest side, centre crop, CLIP's mean and std) at that size."""
+    from ip2p_jax.clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+        "do_convert_rgb": True,
+    }
+
+
+def export_clip(out: str | Path, params: Mapping, source: str | Path) -> Path:
+    """Writes a trained CLIP as a transformers ``CLIPModel`` folder: ``params`` with the config, image processor
+    settings and tokenizer files of ``source`` (the folder training started from). Refuses a non-empty ``out``."""
+    out, source = Path(out), Path(source)
+    _refuse_non_empty(out)
+    save_clip(out, params, json.loads((source / "config.json").read_text()))
+    for name in ("preprocessor_config.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, out / name)
+    return out
+
+
 def ip2p_scheduler_config(beta_start: float, beta_end: float, beta_schedule: str, num_train_timesteps: int) -> dict:
     """The released InstructPix2Pix scheduler (Euler ancestral) over the noise schedule the UNet was trained with."""
     return {
@@ -124,10 +174,14 @@ def write_scheduler(folder: str | Path, config: Mapping[str, Any]) -> None:
     (Path(folder) / "scheduler_config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
 
 
-def write_model_index(folder: str | Path) -> None:
-    """``model_index.json`` of a ``StableDiffusionInstructPix2PixPipeline`` without safety checker."""
+PIPELINE_CLASSES = {"ip2p": "StableDiffusionInstructPix2PixPipeline", "sd": "StableDiffusionPipeline"}
+
+
+def write_model_index(folder: str | Path, kind: str = "ip2p") -> None:
+    """``model_index.json`` of a ``StableDiffusionInstructPix2PixPipeline`` (``kind="ip2p"``) or a text-to-image
+    ``StableDiffusionPipeline`` (``"sd"``), without safety checker."""
     index = {
-        "_class_name": "StableDiffusionInstructPix2PixPipeline",
+        "_class_name": PIPELINE_CLASSES[kind],
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
@@ -161,9 +215,10 @@ def export_ip2p(
     *,
     revision: str | None = None,
 ) -> Path:
-    """Writes an InstructPix2Pix pipeline folder: the UNet from ``unet_params`` (8 input channels) with
-    ``source``'s UNet config, and ``source``'s VAE, text encoder and tokenizer copied unchanged (they are frozen in
-    training); ``source`` is the diffusers folder or hub id training started from. Refuses a non-empty ``out``.
+    """Writes an InstructPix2Pix pipeline folder (a Stable Diffusion one for a 4-channel, text-to-image UNet): the
+    UNet from ``unet_params`` with ``source``'s UNet config, and ``source``'s VAE, text encoder and tokenizer copied
+    unchanged (they are frozen in training); ``source`` is the diffusers folder or hub id training started from.
+    Refuses a non-empty ``out``.
     """
     out = Path(out)
     _refuse_non_empty(out)
@@ -176,5 +231,5 @@ def export_ip2p(
         folder = resolve_folder(source, component, weights_name=weights, revision=revision)
         shutil.copytree(folder, out / component, ignore=shutil.ignore_patterns("*.bin", "*.fp16.*", "*.ckpt"))
     write_scheduler(out / "scheduler", scheduler_config)
-    write_model_index(out)
+    write_model_index(out, "ip2p" if unet_config["in_channels"] == 8 else "sd")
     return out

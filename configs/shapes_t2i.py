@@ -1,0 +1,63 @@
+"""The miniature lineage's text-to-image model (``models/shapes-t2i``): a small latent diffusion model trained from
+scratch on the endless stream of captioned ShapesEdit scenes, over the shipped autoencoder and the frozen text tower
+of the lineage's CLIP (``configs/shapes_clip.py``), with 10 % caption dropout and the grounding objective
+(``ip2p_jax/training/grounding.py``) on its 16 x 16 and 8 x 8 cross-attention layers.
+
+    python train.py --config configs/shapes_t2i.py --workdir runs/shapes-t2i
+    python export.py --workdir runs/shapes-t2i --out models/shapes-t2i
+
+``--config.grounding.token_weight=0 --config.grounding.pixel_weight=0`` trains without grounding.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.task = "text_to_image"
+    config.model = "new"
+    # Tuples rather than lists, so that the command line can override them.
+    config.new_model = dict(
+        unet=dict(
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(48, 96, 96),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64,  # the CLIP text tower's width
+            attention_head_dim=4,  # diffusers' name for the number of heads in SD 1.x configs
+            norm_num_groups=16,
+            sample_size=16,
+        ),
+        vae="models/shapes-ip2p/vae",  # the shipped autoencoder (64 x 64 -> 16 x 16 x 4)
+        text_encoder="models/shapes-clip",  # a CLIP folder: its text tower and tokenizer
+    )
+    config.data = "shapes_captions"
+    config.resolution = 64
+    config.caption_dropout = 0.1
+    config.grounding = dict(token_weight=0.05, pixel_weight=0.05, sizes=((16, 16), (8, 8)))
+    config.global_batch_size = 32
+    config.accumulation = 1
+    config.steps = 4000
+    config.learning_rate = 3e-4
+    config.weight_decay = 1e-2
+    config.max_grad_norm = 1.0
+    config.ema_decay = 0.9999
+    config.fsdp = 1
+    config.seed = 0
+    config.log_every = 50
+    config.save_every = 500
+    config.keep_checkpoints = 2
+    config.sample_every = 500  # generated pictures and held-out word localisation of the EMA UNet (0: never)
+    config.sample_count = 6
+    config.sample_steps = 50
+    config.sample_guidance_scale = 5.0
+    config.eval_count = 64  # held-out scenes for word localisation
+    config.eval_timesteps = (300, 500, 700)
+    config.eval_map_size = (16, 16)
+    config.eval_gamma = 3  # FoI's mask extraction as models/shapes-ip2p/foi_config.json sets it
+    config.eval_tau = 0.5
+    config.dtype = "float32"
+    config.lock()
+    return config
