@@ -47,6 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=25, help="images per sampler call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "evaluation")
+    parser.add_argument(
+        "--foi",
+        action="append",
+        default=[],
+        metavar="SETTING=VALUE",
+        help="override a setting of the model's FoI config for every FoI method, e.g. outside_values=image_only, "
+        "gamma=1, tau=0.4 (repeatable)",
+    )
     args = parser.parse_args(argv)
     args.splits = [s for s in args.splits.split(",") if s]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -62,9 +70,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--steps and --batch must be at least 1")
     from ip2p_jax.sampling import FoIConfig
 
-    try:  # the model's FoI settings (its foi_config.json), checked before anything is loaded
-        args.foi_config = FoIConfig.for_model(args.model)
-    except ValueError as error:
+    overrides = {}
+    for item in args.foi:
+        name, separator, value = item.partition("=")
+        if not separator:
+            parser.error(f"--foi takes SETTING=VALUE, got {item!r}")
+        try:  # numbers, booleans and lists as JSON; anything else is a string
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[name] = value
+    if isinstance(overrides.get("tau"), list):
+        overrides["tau"] = tuple(overrides["tau"])
+    try:  # the model's FoI settings (its foi_config.json) and the overrides, checked before anything is loaded
+        args.foi_config = FoIConfig.for_model(args.model, **overrides)
+    except (TypeError, ValueError) as error:
         parser.error(str(error))
     return args
 

@@ -145,3 +145,30 @@ def test_evaluate_refuses_a_model_with_invalid_foi_settings(tmp_path, capsys):
         evaluate.main(["--model", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "foi_config.json: tau must be a (low, high) range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("outside_values", "--foi takes SETTING=VALUE"),
+        ("colour=red", "unexpected keyword argument 'colour'"),
+        ("tau=2", "tau must"),
+        ("outside_values=both", "outside_values must be"),
+    ],
+)
+def test_evaluate_foi_overrides_are_checked(tmp_path, capsys, override, message):
+    import evaluate
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", str(tmp_path), "--foi", override])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_foi_overrides_reach_the_config(tmp_path):
+    import evaluate
+
+    args = evaluate.parse_args(
+        ["--model", str(tmp_path), "--foi", "outside_values=image_only", "--foi", "tau=[0.4, 0.7]"]
+    )
+    assert args.foi_config.outside_values == "image_only" and args.foi_config.tau == (0.4, 0.7)
