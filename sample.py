@@ -74,6 +74,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance s_T")
     parser.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance s_I")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the checkpoint's own")
+    parser.add_argument(
+        "--karras",
+        action="store_true",
+        help="Karras sigmas (euler_ancestral, euler, dpmpp_2m; --scheduler dpmpp_2m --karras is DPM++ 2M Karras)",
+    )
+    parser.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="in [0, 1]: pull the guided output's std toward the text+image branch's (Lin et al. 2024); 0 = off",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--strength", type=float, default=None, help="fraction of the schedule run, in (0, 1]; default 1, FoI 0.8"
@@ -114,6 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--manifest replaces --image, --instruction and --out")
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
         parser.error(f"--strength must be in (0, 1], got {args.strength}")
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     count = len(args.instruction or [])
     for name in ("keyword", "alpha"):
         given = getattr(args, name)
@@ -255,6 +268,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from ip2p_jax.pipeline import InstructPix2PixPipeline
+    from ip2p_jax.schedulers import SchedulerError
     from ip2p_jax.weights import CheckpointError
 
     try:
@@ -267,6 +281,13 @@ def main(argv=None) -> int:
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    scheduler = args.scheduler
+    if args.karras:
+        try:
+            scheduler = pipe.scheduler.replace(args.scheduler, use_karras_sigmas=True)
+        except SchedulerError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     use_foi = args.foi
     if use_foi is None:
         use_foi = any(len(item.instructions) > 1 or item.instructions[0].keyword for item, _ in ready)
@@ -291,8 +312,9 @@ def main(argv=None) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         image_guidance_scale=args.image_guidance_scale,
-        scheduler=args.scheduler,
+        scheduler=scheduler,
         seed=args.seed,
+        guidance_rescale=args.guidance_rescale,
     )
     try:  # the pipeline checks a call's settings against the model before it compiles anything
         if use_foi:

@@ -201,6 +201,7 @@ class InstructPix2PixPipeline:
         progress: bool = True,
         instructions: Sequence | None = None,
         foi: FoIConfig | None = None,
+        guidance_rescale: float = 0.0,
     ) -> EditOutput:
         """Edits each image by its instruction (IP2P), or by its list of sub-instructions (FoI).
 
@@ -211,7 +212,8 @@ class InstructPix2PixPipeline:
           num_inference_steps, guidance_scale, image_guidance_scale: as diffusers; ``guidance_scale <= 1`` or
             ``image_guidance_scale < 1`` runs one conditioned branch, as diffusers does (IP2P only).
           scheduler: a ``Scheduler``, a scheduler name (``schedulers.SCHEDULERS``) with the checkpoint's config, or
-            ``None`` for the checkpoint's own.
+            ``None`` for the checkpoint's own; ``pipe.scheduler.replace("dpmpp_2m", use_karras_sigmas=True)`` is
+            DPM++ 2M Karras. The checkpoint's ``prediction_type`` (epsilon or v) and noise schedule come along.
           seed: image ``i`` of the call draws its noise (and FoI's ``tau``) from ``fold_in(PRNGKey(seed), i)``.
           latents: ``(B, H/8, W/8, 4)`` start noise (as diffusers' ``latents``: multiplied by the scheduler's
             ``init_noise_sigma`` at full strength); all images must then have one size.
@@ -222,6 +224,9 @@ class InstructPix2PixPipeline:
           instructions: FoI: per image a list of sub-instructions (``foi.SubInstruction``, ``(text, keyword)``,
             ``(text, keyword, alpha)`` or a plain text); a flat list is one image's. Replaces ``prompt``.
           foi: FoI settings (``FoIConfig()`` for the paper's); given with ``instructions``.
+          guidance_rescale: ``phi`` in [0, 1] of Lin et al.'s guidance rescale applied to the three-branch guidance
+            (ours, ``guidance.dual_guidance``; diffusers' IP2P pipeline has none): the guided output's standard
+            deviation is pulled toward the text + image branch's. 0 (the default) is plain IP2P guidance.
         """
         images = [image] if isinstance(image, Image.Image | np.ndarray) and np.ndim(image) != 4 else list(image)
         if (instructions is None) == (prompt is None):
@@ -243,6 +248,8 @@ class InstructPix2PixPipeline:
             raise ValueError(f"{len(images)} images but {len(prompts)} instructions")
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
         if strength is None:
             strength = 1.0 if foi is None else foi.strength
         settings = SamplerSettings(
@@ -252,6 +259,7 @@ class InstructPix2PixPipeline:
             dual_guidance=guidance_scale > 1.0 and image_guidance_scale >= 1.0,
             scaling_factor=self.vae.config.scaling_factor,
         )
+        rescale = guidance_rescale > 0.0 and settings.dual_guidance
         # Everything that can be wrong with a call is found here, before anything is encoded or compiled.
         settings.scheduler.steps_for_strength(num_inference_steps, strength)
         tokens = None
@@ -286,6 +294,7 @@ class InstructPix2PixPipeline:
                 guidance_scale=fill(guidance_scale),
                 image_guidance_scale=fill(image_guidance_scale),
                 latents=None if latents is None else jnp.asarray(latents, jnp.float32),
+                guidance_rescale=fill(guidance_rescale) if rescale else None,
             )
             description = f"{'FoI' if foi else 'IP2P'}: {n} image(s) of {shape[1]}x{shape[0]}"
             if tokens is None:

@@ -41,6 +41,8 @@ class SamplerInputs(struct.PyTreeNode):
       guidance_scale: ``(B,)`` text guidance ``s_T``.
       image_guidance_scale: ``(B,)`` image guidance ``s_I``.
       latents: ``(B, h, w, 4)`` start noise to use instead of the keys' (diffusers' ``latents=``), or ``None``.
+      guidance_rescale: ``(B,)`` ``phi`` of ``guidance.rescale_guidance`` applied to the dual guidance, or ``None``
+        (no rescale, and none compiled).
     """
 
     image_latents: jax.Array
@@ -50,6 +52,7 @@ class SamplerInputs(struct.PyTreeNode):
     guidance_scale: jax.Array
     image_guidance_scale: jax.Array
     latents: jax.Array | None = None
+    guidance_rescale: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +115,7 @@ def guided_eps(
     dual: bool,
     control: Any = None,
 ) -> tuple[jax.Array, Any]:
-    """One UNet call over the guidance batch and the guided epsilon.
+    """One UNet call over the guidance batch and the guided model output (epsilon or v, as the UNet predicts).
 
     Args:
       model_input: ``(B, h, w, 4)`` scheduler-scaled sample.
@@ -132,7 +135,10 @@ def guided_eps(
     if not dual:
         return eps.astype(jnp.float32), aux
     eps_3b = eps.reshape(3, -1, *eps.shape[1:])
-    return dual_guidance(eps_3b, inputs.guidance_scale, inputs.image_guidance_scale), aux
+    guided = dual_guidance(
+        eps_3b, inputs.guidance_scale, inputs.image_guidance_scale, guidance_rescale=inputs.guidance_rescale
+    )
+    return guided, aux
 
 
 def make_ip2p_sampler(
@@ -397,7 +403,9 @@ def make_foi_sampler(
 
     def guide_and_step(inputs, sample, previous_x0, index, eps_3b, masks):
         text_mask = decoupled_mask(masks, index - first)
-        eps = dual_guidance(eps_3b, inputs.guidance_scale, inputs.image_guidance_scale, text_mask)
+        eps = dual_guidance(
+            eps_3b, inputs.guidance_scale, inputs.image_guidance_scale, text_mask, inputs.guidance_rescale
+        )
         noise = step_noise(inputs.keys, index, sample.shape[1:])
         return scheduler.step(schedule, index, sample, eps, noise, previous_x0)
 

@@ -62,6 +62,8 @@ class TextToImageInputs(struct.PyTreeNode):
       guidance_scale: ``(B,)`` classifier-free guidance scale.
       latents: ``(B, h, w, c)`` start noise to use instead of the keys' (diffusers' ``latents=``: multiplied by the
         scheduler's ``init_noise_sigma``), or ``None``.
+      guidance_rescale: ``(B,)`` diffusers' ``guidance_rescale`` (``guidance.rescale_guidance``), or ``None`` (none,
+        and none compiled).
     """
 
     context: jax.Array
@@ -69,6 +71,7 @@ class TextToImageInputs(struct.PyTreeNode):
     keys: jax.Array
     guidance_scale: jax.Array
     latents: jax.Array | None = None
+    guidance_rescale: jax.Array | None = None
 
 
 def start_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -87,13 +90,16 @@ def guided_text_eps(
     guidance_scale: jax.Array,
     guidance: bool,
     control: Any = None,
+    guidance_rescale: jax.Array | None = None,
 ) -> tuple[jax.Array, Any]:
-    """One UNet call over the guidance batch ``[text, none]`` (or ``text`` alone) and the guided epsilon.
+    """One UNet call over the guidance batch ``[text, none]`` (or ``text`` alone) and the guided model output
+    (epsilon or v, as the UNet predicts).
 
     Args:
       model_input: ``(N, h, w, c)`` scheduler-scaled samples.
       context, null_context: ``(N, 77, D)``.
       guidance_scale: ``(N,)``.
+      guidance_rescale: ``(N,)`` or ``None`` (``guidance.classifier_free_guidance``).
 
     Returns:
       ``(eps, aux)``: guided ``(N, h, w, c)`` float32 and the control's auxiliary output.
@@ -103,7 +109,7 @@ def guided_text_eps(
         return eps.astype(jnp.float32), aux
     x = jnp.concatenate([model_input, model_input])
     eps, aux = unet_apply(unet_params, x, timestep, jnp.concatenate([context, null_context]), control)
-    return classifier_free_guidance(eps.reshape(2, -1, *eps.shape[1:]), guidance_scale), aux
+    return classifier_free_guidance(eps.reshape(2, -1, *eps.shape[1:]), guidance_scale, guidance_rescale), aux
 
 
 def _report(progress: Callable | None, done: jax.Array) -> None:
@@ -142,6 +148,7 @@ def make_text_to_image_sampler(
             inputs.null_context,
             inputs.guidance_scale,
             settings.guidance,
+            guidance_rescale=inputs.guidance_rescale,
         )
         noise = step_noise(inputs.keys, index, sample.shape[1:])
         return scheduler.step(schedule, index, sample, eps, noise, previous_x0)

@@ -69,6 +69,7 @@ def test_manifest_skips_bad_items_and_runs_the_rest(pipeline_dir, tmp_path, caps
         (["--manifest", "x.jsonl", "--mask-step", "-2"], "mask_step must be an integer >= 0, got -2"),
         (["--manifest", "x.jsonl", "--modulation-stop", "2"], "modulation_stop must be in [0, 1], got 2.0"),
         (["--manifest", "x.jsonl", "--decoupled-fraction", "-1"], "decoupled_fraction must be in [0, 1], got -1.0"),
+        (["--manifest", "x.jsonl", "--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1], got 1.5"),
     ],
 )
 def test_bad_arguments_exit_2(argv, message, capsys):
@@ -172,3 +173,12 @@ def test_evaluate_foi_overrides_reach_the_config(tmp_path):
         ["--model", str(tmp_path), "--foi", "outside_values=image_only", "--foi", "tau=[0.4, 0.7]"]
     )
     assert args.foi_config.outside_values == "image_only" and args.foi_config.tau == (0.4, 0.7)
+
+
+def test_karras_sigmas_for_a_scheduler_without_them_is_a_clean_error(pipeline_dir, tmp_path, capsys):
+    image = write_image(tmp_path / "in.png", 64)
+    argv = ["--model", str(pipeline_dir), "--image", str(image), "--out", str(tmp_path / "o.png")]
+    argv += ["--instruction", "make the sky blue", "--steps", "2", "--scheduler", "ddim", "--karras"]
+    assert sample.main(argv) == 1
+    assert "error: scheduler setting use_karras_sigmas=True is not implemented for ddim" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()

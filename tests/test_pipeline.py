@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -72,20 +74,38 @@ def test_encode_image_and_decode_match(pipelines, images):
     np.testing.assert_allclose(ours.decode_latents(scaled), expected_images, atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "ddim"])
-def test_edit_matches_diffusers(pipelines, images, scheduler):
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+V_ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+KARRAS = {"use_karras_sigmas": True}
+
+
+@pytest.mark.parametrize(
+    "scheduler,changes",
+    [
+        pytest.param("euler", {}, id="euler"),
+        pytest.param("ddim", {}, id="ddim"),
+        # A v-prediction model with zero terminal SNR (Stable Diffusion 2.x 768-v style, Lin et al.'s recipe) ...
+        pytest.param("euler", V_ZERO_SNR, id="euler-v-zero-snr"),
+        pytest.param("ddim", V_ZERO_SNR, id="ddim-v-zero-snr", marks=pytest.mark.slow),
+        # ... and DPM++ 2M Karras.
+        pytest.param("dpmpp_2m", KARRAS, id="dpmpp-2m-karras"),
+        pytest.param("dpmpp_2m", {**KARRAS, **V_ZERO_SNR}, id="dpmpp-2m-karras-v-zero-snr", marks=pytest.mark.slow),
+    ],
+)
+def test_edit_matches_diffusers(pipelines, images, pipeline_dir, scheduler, changes, request):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     ours, reference = pipelines
-    classes = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
-    reference.scheduler = classes[scheduler].from_config(reference.scheduler.config)
+    classes = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
+    checkpoint = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
+    reference.scheduler = classes[scheduler].from_config({**checkpoint, **changes})
     latents = torch.from_numpy(np.random.RandomState(1).randn(len(PROMPTS), 4, SIZE // 2, SIZE // 2).astype("f4"))
     settings = dict(num_inference_steps=5, guidance_scale=7.5, image_guidance_scale=1.5, output_type="np")
     expected = reference(PROMPTS, image=images, latents=latents, **settings).images
-    got = ours(images, PROMPTS, scheduler=scheduler, latents=latents.permute(0, 2, 3, 1).numpy(), **settings)
+    ours_scheduler = ours.scheduler.replace(scheduler, **changes)
+    got = ours(images, PROMPTS, scheduler=ours_scheduler, latents=latents.permute(0, 2, 3, 1).numpy(), **settings)
     assert got.images.shape == expected.shape
     difference = np.abs(got.images - expected).max()
-    print(f"pipeline parity, {scheduler}, 5 steps: max abs pixel difference {difference:.2e}")
+    print(f"pipeline parity, {request.node.callspec.id}, 5 steps: max abs pixel difference {difference:.2e}")
     assert difference <= 2e-3
 
 

@@ -64,6 +64,51 @@ def test_noise_is_per_image_not_per_batch():
     assert not np.allclose(np.asarray(both[0]), np.asarray(both[1]))
 
 
+def branch_unet(params, x, t, context, control):
+    """A stand-in UNet whose output depends on the sample, the context and the image latent, so that the three
+    guidance branches differ."""
+    sample, image = x[..., :4], x[..., 4:]
+    return 0.5 * sample + jnp.mean(context, axis=(1, 2))[:, None, None, None] + 0.3 * jnp.sin(image), {}
+
+
+@pytest.mark.parametrize("steps,zero_snr", [(1, False), (3, True)])
+def test_guidance_rescale_per_image_and_v_prediction(steps, zero_snr):
+    """The sampler's dual guidance takes a per-image ``guidance_rescale``: 0 for an image is plain guidance (equal to
+    the sampler without any), and one step from pure noise is ``guidance.dual_guidance`` with the rescale, then the
+    v-prediction Euler step; with zero terminal SNR too."""
+    from ip2p_jax.guidance import dual_guidance
+    from ip2p_jax.schedulers import SchedulerConfig
+
+    zero = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if zero_snr else {}
+    scheduler = Scheduler("euler", SchedulerConfig(prediction_type="v_prediction", **zero))
+    sample = make_ip2p_sampler(branch_unet, SamplerSettings(scheduler, steps), data_mesh(jax.devices()[:1]))
+    noise = np.random.RandomState(2).randn(*LATENT).astype(np.float32)
+    base = inputs(batch=2, latents=jnp.asarray(noise))
+    phi = jnp.asarray([0.0, 0.7])
+    plain = np.asarray(sample(None, base))
+    rescaled = np.asarray(sample(None, base.replace(guidance_rescale=phi)))
+    assert np.all(np.isfinite(plain)) and np.all(np.isfinite(rescaled))
+    np.testing.assert_allclose(rescaled[0], plain[0], rtol=1e-6, atol=1e-6)
+    assert np.abs(rescaled[1] - plain[1]).max() > 1e-2
+    if steps == 1:  # by hand: start at sigma_max (about 4096), the three branches, guidance, one Euler step
+        schedule = scheduler.schedule(1)
+        start = noise * scheduler.init_noise_sigma(schedule)
+        x = scheduler.scale_model_input(schedule, 0, start)
+        branches = [
+            branch_unet(None, jnp.concatenate([x, image], -1), None, context, None)[0]
+            for image, context in (
+                (base.image_latents, base.context),
+                (base.image_latents, base.null_context),
+                (jnp.zeros_like(base.image_latents), base.null_context),
+            )
+        ]
+        guided = dual_guidance(jnp.stack(branches), 7.5, 1.5, guidance_rescale=phi)
+        expected, _ = scheduler.step(schedule, 0, start, guided)
+        np.testing.assert_allclose(rescaled, np.asarray(expected), rtol=0, atol=1e-5)
+        unscaled, _ = scheduler.step(schedule, 0, start, dual_guidance(jnp.stack(branches), 7.5, 1.5))
+        assert np.abs(np.asarray(unscaled)[1] - rescaled[1]).max() > 1e-2
+
+
 EIGHT_DEVICES = textwrap.dedent(
     """
     import sys

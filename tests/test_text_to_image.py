@@ -37,7 +37,9 @@ def sd_folder(tmp_path_factory, tokenizer_dir, vocab_size):
     return root
 
 
-def diffusers_images(folder, latents_nchw: np.ndarray, guidance_scale: float) -> np.ndarray:
+def diffusers_images(
+    folder, latents_nchw: np.ndarray, guidance_scale: float, changes: dict, guidance_rescale: float
+) -> np.ndarray:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -46,7 +48,7 @@ def diffusers_images(folder, latents_nchw: np.ndarray, guidance_scale: float) ->
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
-        scheduler=EulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        scheduler=EulerDiscreteScheduler.from_pretrained(folder / "scheduler", **changes),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -58,25 +60,36 @@ def diffusers_images(folder, latents_nchw: np.ndarray, guidance_scale: float) ->
         width=2 * LATENT[1],
         num_inference_steps=STEPS,
         guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale,
         latents=torch.tensor(latents_nchw),
         output_type="np",
     )
     return out.images
 
 
+V_ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
 @pytest.mark.parametrize(
-    "guidance_scale", [7.5, pytest.param(1.0, marks=pytest.mark.slow, id="no-guidance")]
-)  # diffusers runs the text branch alone at guidance_scale <= 1
-def test_text_to_image_equals_diffusers(sd_folder, guidance_scale):
+    "guidance_scale,changes,guidance_rescale",
+    [
+        pytest.param(7.5, {}, 0.0, id="guidance"),
+        # diffusers runs the text branch alone at guidance_scale <= 1
+        pytest.param(1.0, {}, 0.0, marks=pytest.mark.slow, id="no-guidance"),
+        # Lin et al.'s recipe: v-prediction, zero terminal SNR, trailing timesteps, guidance rescale 0.7
+        pytest.param(7.5, V_ZERO_SNR, 0.7, id="v-zero-snr-rescale"),
+    ],
+)
+def test_text_to_image_equals_diffusers(sd_folder, guidance_scale, changes, guidance_rescale, request):
     unet, unet_params = load_unet(sd_folder)
     vae, vae_params = load_vae(sd_folder)
     text_encoder, text_params = load_text_encoder(sd_folder)
     tokenizer = load_tokenizer(sd_folder)
-    scheduler = Scheduler.from_folder(sd_folder / "scheduler")
+    scheduler = Scheduler.from_folder(sd_folder / "scheduler").replace(**changes)
     assert scheduler.kind == "euler"
 
     latents = np.random.RandomState(0).randn(len(PROMPTS), 4, *LATENT).astype(np.float32)
-    expected = diffusers_images(sd_folder, latents, guidance_scale)
+    expected = diffusers_images(sd_folder, latents, guidance_scale, changes, guidance_rescale)
 
     def apply(params, *args):
         return unet.apply({"params": params}, *args)
@@ -91,12 +104,13 @@ def test_text_to_image_equals_diffusers(sd_folder, guidance_scale):
         keys=jax.random.split(jax.random.key(0), len(PROMPTS)),
         guidance_scale=jnp.full((len(PROMPTS),), guidance_scale),
         latents=jnp.asarray(latents.transpose(0, 2, 3, 1)),
+        guidance_rescale=jnp.full((len(PROMPTS),), guidance_rescale) if guidance_rescale else None,
     )
     out = sample(unet_params, inputs)
     images = postprocess(vae.apply({"params": vae_params}, out / vae.config.scaling_factor, method="decode"))
     difference = float(np.max(np.abs(images - expected)))
     print(
-        f"text-to-image, {STEPS} Euler steps, guidance {guidance_scale}, against diffusers: "
+        f"text-to-image, {STEPS} Euler steps, {request.node.callspec.id}, against diffusers: "
         f"max abs pixel difference {difference:.1e}"
     )
     assert images.shape == expected.shape == (len(PROMPTS), 16, 16, 3)
