@@ -5,7 +5,8 @@
 
 An InstructPix2Pix run (``task = "ip2p"``) or a text-to-image run (``"text_to_image"``) becomes a pipeline folder:
 the UNet (safetensors, float32), the VAE, text encoder and tokenizer of the model the run started from (frozen in
-training, copied unchanged), an Euler ancestral scheduler over the training noise schedule and ``model_index.json``;
+training, copied unchanged), an Euler ancestral scheduler over the training noise schedule with the run's prediction
+type (zero terminal SNR schedules with the trailing spacing) and ``model_index.json``;
 diffusers' ``StableDiffusionInstructPix2PixPipeline`` (or ``StableDiffusionPipeline``) and our
 ``InstructPix2PixPipeline.from_pretrained`` load it. An autoencoder run (``task = "autoencoder"``) becomes a
 diffusers ``AutoencoderKL`` folder whose ``scaling_factor`` is measured on the run's training data (``1 / std`` of
@@ -64,7 +65,7 @@ def main(argv) -> None:
     del argv
     from ip2p_jax.training import checkpoint
     from ip2p_jax.training.new_model import INITIAL_MODEL
-    from ip2p_jax.weights import load_noise_schedule
+    from ip2p_jax.training.objective import training_objective
     from ip2p_jax.weights.export import export_clip, export_ip2p, export_vae, ip2p_scheduler_config
 
     logging.set_verbosity(logging.WARNING)
@@ -87,9 +88,12 @@ def main(argv) -> None:
             what = f"a CLIP (from {source})"
         else:
             source = str(workdir / INITIAL_MODEL) if config["model"] == "new" else config["model"]
-            out = export_ip2p(_OUT.value, weights, source, ip2p_scheduler_config(**load_noise_schedule(source)))
+            # The run's objective; a config saved before these settings existed reads as the defaults.
+            objective, schedule = training_objective(config, source)
+            scheduler = ip2p_scheduler_config(**schedule, prediction_type=objective.prediction_type)
+            out = export_ip2p(_OUT.value, weights, source, scheduler)
             kind = "text-to-image" if config.get("task") == "text_to_image" else "InstructPix2Pix"
-            what = f"a {kind} model (from {source})"
+            what = f"a {kind} model (from {source}, {objective.prediction_type} prediction)"
     except (FileExistsError, ValueError, OSError) as error:
         sys.exit(f"export.py: {error}")
     print(f"exported the {_WEIGHTS.value} weights of step {step}, {what}, to {out}", file=sys.stderr)

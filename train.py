@@ -127,13 +127,14 @@ def ip2p_task(config, workdir: Path, main_process: bool) -> Task:
     from ip2p_jax.pipeline import InstructPix2PixPipeline
     from ip2p_jax.schedulers import Scheduler, SchedulerConfig
     from ip2p_jax.tokenizer import tokenize
+    from ip2p_jax.training.objective import training_objective
     from ip2p_jax.training.step import StepSettings, train_step
-    from ip2p_jax.weights import load_noise_schedule
+    from ip2p_jax.weights.export import ip2p_scheduler_config
 
     model = model_source(config, workdir, main_process)
     unet, params, vae, vae_params, text, text_params, tokenizer = checkpoint_models(config, model)
     tx = optimizer(config)
-    betas = load_noise_schedule(model)
+    objective, betas = training_objective(config, model)  # optional settings: older configs train as before
     settings = StepSettings(
         unet=unet,
         vae=vae,
@@ -144,6 +145,7 @@ def ip2p_task(config, workdir: Path, main_process: bool) -> Task:
         ema_max_decay=config.ema_decay,
         accumulation=config.accumulation,
         learning_rate=config.learning_rate,
+        objective=objective,
     )
     null_context = text.apply({"params": text_params}, jnp.asarray(tokenize(tokenizer, [""])))
     frozen = {"vae": vae_params, "text_encoder": text_params, "null_context": null_context}
@@ -156,7 +158,7 @@ def ip2p_task(config, workdir: Path, main_process: bool) -> Task:
     @functools.cache
     def pipeline():
         """The editing pipeline for sample edits (built on first use; the UNet params come with each call)."""
-        scheduler = Scheduler("euler_ancestral", SchedulerConfig(**betas, steps_offset=1))
+        scheduler = Scheduler.from_config(ip2p_scheduler_config(**betas, prediction_type=objective.prediction_type))
         params = {"unet": None, "vae": vae_params, "text_encoder": text_params}
         return InstructPix2PixPipeline(
             unet, vae, text, tokenizer, scheduler, params, parallel.data_mesh(jax.local_devices())
@@ -265,8 +267,10 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
     from ip2p_jax.schedulers import Scheduler, SchedulerConfig
     from ip2p_jax.text_to_image import TextToImageInputs, TextToImageSettings, make_text_to_image_sampler
     from ip2p_jax.tokenizer import span_token_weights, tokenize
+    from ip2p_jax.training.objective import training_objective
     from ip2p_jax.training.text_to_image import TextToImageStepSettings, text_to_image_step
-    from ip2p_jax.weights import load_noise_schedule, load_text_encoder, load_tokenizer, load_unet, load_vae
+    from ip2p_jax.weights import load_text_encoder, load_tokenizer, load_unet, load_vae
+    from ip2p_jax.weights.export import ip2p_scheduler_config
 
     model = model_source(config, workdir, main_process)
     unet, params = load_unet(model)
@@ -276,7 +280,7 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
     text, text_params = load_text_encoder(model)
     tokenizer = load_tokenizer(model)
     tx = optimizer(config)
-    betas = load_noise_schedule(model)
+    objective, betas = training_objective(config, model)  # optional settings: older configs train as before
     alphas_cumprod = SchedulerConfig(**betas).alphas_cumprod()
     settings = TextToImageStepSettings(
         unet=unet,
@@ -291,6 +295,7 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
         ema_max_decay=config.ema_decay,
         accumulation=config.accumulation,
         learning_rate=config.learning_rate,
+        objective=objective,
     )
     encode_text = jax.jit(lambda ids: text.apply({"params": text_params}, ids))
     null_context = encode_text(jnp.asarray(tokenize(tokenizer, [""])))
@@ -309,7 +314,7 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
     unet_apply = lambda p, *a: unet.apply({"params": p}, *a)  # noqa: E731
     scale = vae.config.scaling_factor
     latent_size = config.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    scheduler = Scheduler("euler_ancestral", SchedulerConfig(**betas, steps_offset=1))
+    scheduler = Scheduler.from_config(ip2p_scheduler_config(**betas, prediction_type=objective.prediction_type))
     sampler = make_text_to_image_sampler(
         unet_apply,
         TextToImageSettings(scheduler, config.sample_steps, (latent_size, latent_size), unet.config.in_channels),

@@ -1,8 +1,11 @@
-"""Training: the step's recipe, the loss falling, EMA, 4 -> 8 channels, dropout, resume, devices, train.py."""
+"""Training: the step's recipe, the loss falling, EMA, 4 -> 8 channels, dropout, the objective (v-prediction,
+Min-SNR, offset noise, zero terminal SNR), resume, devices, train.py and export."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -15,10 +18,20 @@ import pytest
 from PIL import Image
 
 from ip2p_jax.data.synthetic import synthetic_batch
-from ip2p_jax.schedulers import SchedulerConfig
+from ip2p_jax.schedulers import SchedulerConfig, vp_predictions
 from ip2p_jax.tokenizer import tokenize
 from ip2p_jax.training import checkpoint
 from ip2p_jax.training.init import expand_input_channels
+from ip2p_jax.training.objective import (
+    Objective,
+    add_noise,
+    diffusion_loss,
+    draw_noise,
+    min_snr_weights,
+    snr,
+    target,
+    training_objective,
+)
 from ip2p_jax.training.state import apply_gradients, create_train_state, ema_decay, make_optimizer
 from ip2p_jax.training.step import StepSettings, apply_conditioning_dropout, conditioning_dropout, train_step
 from ip2p_jax.training.tiny import tiny_models
@@ -155,6 +168,122 @@ def test_dropped_examples_are_exactly_the_chosen_ones():
         np.testing.assert_array_equal(new_latents[i], np.zeros((2, 2, 4)) if drop_image[i] else latents[i])
 
 
+SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+TIMESTEPS = np.array([0, 1, 10, 50, 200, 400, 600, 800, 950, 990, 998, 999])
+
+
+@pytest.mark.parametrize("zero_snr", [False, True], ids=["sd", "zero-snr"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_equal_diffusers(prediction_type, zero_snr):
+    """``compute_snr`` and train_text_to_image.py's ``--snr_gamma`` weights on the same timesteps and table."""
+    import torch
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    alphas_cumprod = SchedulerConfig(**SD_BETAS, rescale_betas_zero_snr=zero_snr).alphas_cumprod()
+    reference = DDPMScheduler(**SD_BETAS, rescale_betas_zero_snr=zero_snr, prediction_type=prediction_type)
+    reference.alphas_cumprod = torch.from_numpy(alphas_cumprod)
+    timesteps = torch.from_numpy(TIMESTEPS)
+    expected_snr = compute_snr(reference, timesteps)
+    ours_snr = snr(jnp.asarray(alphas_cumprod), jnp.asarray(TIMESTEPS))
+    np.testing.assert_allclose(np.asarray(ours_snr), expected_snr.numpy(), rtol=1e-6)
+    for gamma in (1.0, 5.0):
+        s = expected_snr + 1 if prediction_type == "v_prediction" else expected_snr
+        expected = (torch.stack([s, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / s).numpy()
+        got = np.asarray(min_snr_weights(ours_snr, gamma, prediction_type))
+        finite = np.isfinite(expected)
+        np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-6)
+        # Zero terminal SNR: at t = 999 diffusers divides 0 by 0 for epsilon; the weight's limit there is 1.
+        assert finite.all() != (zero_snr and prediction_type == "epsilon")
+        assert np.all(np.isfinite(got)) and (got[-1] == 1.0 or not zero_snr)
+
+
+def test_targets_and_noising_equal_diffusers():
+    """The noised latents and the v target (``DDPMScheduler.add_noise`` / ``get_velocity``), and v converting back
+    to the data and the noise (``schedulers.vp_predictions``, which the samplers use)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    alphas_cumprod = SchedulerConfig(**SD_BETAS, rescale_betas_zero_snr=True).alphas_cumprod()
+    reference = DDPMScheduler(**SD_BETAS, rescale_betas_zero_snr=True)
+    reference.alphas_cumprod = torch.from_numpy(alphas_cumprod)
+    rng = np.random.RandomState(0)
+    clean, noise = (rng.randn(len(TIMESTEPS), 4, 4, 3).astype(np.float32) for _ in range(2))
+    nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2)  # noqa: E731
+    t = torch.from_numpy(TIMESTEPS)
+    noisy = add_noise(alphas_cumprod, TIMESTEPS, clean, noise)
+    expected = reference.add_noise(nchw(clean), nchw(noise), t).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(noisy), expected, rtol=0, atol=1e-6)
+    v = target(alphas_cumprod, TIMESTEPS, clean, noise, "v_prediction")
+    expected_v = reference.get_velocity(nchw(clean), nchw(noise), t).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(v), expected_v, rtol=0, atol=1e-6)
+    assert target(alphas_cumprod, TIMESTEPS, clean, noise, "epsilon") is noise
+    a = alphas_cumprod[TIMESTEPS][:, None, None, None]
+    x0, eps = vp_predictions(v, noisy, np.sqrt(a), np.sqrt(1 - a), "v_prediction")
+    np.testing.assert_allclose(np.asarray(x0), clean, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(eps), noise, atol=1e-5)
+
+
+def test_offset_noise_is_constant_over_each_image_and_channel():
+    key, shape = jax.random.key(3), (4, 8, 8, 3)
+    plain = draw_noise(key, shape, 0.0)
+    np.testing.assert_array_equal(plain, jax.random.normal(key, shape, jnp.float32))  # unchanged without offset
+    offset = np.asarray(draw_noise(key, shape, 0.1)) - np.asarray(plain)
+    expected = 0.1 * np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (4, 1, 1, 3)))
+    np.testing.assert_allclose(offset, np.broadcast_to(expected, shape), rtol=1e-5, atol=1e-7)
+
+
+def test_losses_are_the_references():
+    """No setting: exactly the reference's epsilon MSE. Min-SNR: train_text_to_image.py's weighted loss."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.RandomState(1)
+    prediction, wanted = (rng.randn(len(TIMESTEPS), 4, 4, 3).astype(np.float32) for _ in range(2))
+    alphas_cumprod = SchedulerConfig(**SD_BETAS).alphas_cumprod()
+    plain = diffusion_loss(prediction, wanted, alphas_cumprod, TIMESTEPS, Objective())
+    assert float(plain) == float(jnp.mean((jnp.asarray(prediction) - wanted) ** 2))
+    for prediction_type in ("epsilon", "v_prediction"):
+        objective = Objective(prediction_type, snr_gamma=5.0)
+        got = diffusion_loss(prediction, wanted, alphas_cumprod, TIMESTEPS, objective)
+        weights = torch.from_numpy(np.asarray(min_snr_weights(snr(alphas_cumprod, TIMESTEPS), 5.0, prediction_type)))
+        loss = F.mse_loss(torch.from_numpy(prediction), torch.from_numpy(wanted), reduction="none")
+        expected = (loss.mean(dim=[1, 2, 3]) * weights).mean()
+        np.testing.assert_allclose(float(got), float(expected), rtol=1e-6)
+
+
+def _load_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "..", "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_training_objective_defaults_to_the_model_and_reads_old_configs(pipeline_dir, tmp_path):
+    """Configs (and checkpoints' saved configs) without the settings train and export as before; the settings, or
+    a model whose scheduler has them, change the objective and the schedule."""
+    from ip2p_jax.weights import load_noise_schedule
+
+    for config in ({"task": "ip2p"}, _load_config("shapes_t2i.py"), _load_config("tiny.py").to_dict()):
+        objective, schedule = training_objective(config, pipeline_dir)
+        assert objective == Objective() and schedule == load_noise_schedule(pipeline_dir)
+        assert schedule["rescale_betas_zero_snr"] is False
+    changed = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "snr_gamma": 5, "noise_offset": 0.05}
+    objective, schedule = training_objective(changed, pipeline_dir)
+    assert objective == Objective("v_prediction", 5.0, 0.05) and schedule["rescale_betas_zero_snr"] is True
+    v_model = tmp_path / "v-model"
+    (v_model / "scheduler").mkdir(parents=True)
+    saved = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
+    saved.update(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    (v_model / "scheduler" / "scheduler_config.json").write_text(json.dumps(saved))
+    objective, schedule = training_objective({}, v_model)
+    assert objective.prediction_type == "v_prediction" and schedule["rescale_betas_zero_snr"] is True
+    assert training_objective({"prediction_type": "epsilon"}, v_model)[0].prediction_type == "epsilon"
+    for bad, message in (({"prediction_type": "sample"}, "prediction_type"), ({"snr_gamma": -1}, "snr_gamma")):
+        with pytest.raises(ValueError, match=message):
+            training_objective(bad, pipeline_dir)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -223,6 +352,46 @@ def test_train_py_runs_saves_samples_and_resumes(tmp_path):
     assert "resumed at step 2 (data position 2)" in resumed.stderr
     missing = _run(command[:-1] + [tmp_path / "none", "--resume"])
     assert missing.returncode != 0 and "no checkpoint" in missing.stderr
+
+
+@pytest.mark.slow
+def test_a_v_prediction_run_exports_a_folder_that_diffusers_edits_as_we_do(tmp_path):
+    """train.py with every objective setting (v-prediction, zero terminal SNR, Min-SNR 5, offset noise) on the tiny
+    model, then export.py: the folder's scheduler says what the run trained, and diffusers' pipeline and ours edit
+    the same way from it."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    from ip2p_jax.pipeline import InstructPix2PixPipeline
+
+    objective = ["--config.prediction_type=v_prediction", "--config.rescale_betas_zero_snr=True",
+                 "--config.snr_gamma=5", "--config.noise_offset=0.05"]  # fmt: skip
+    small = ["--config.steps=3", "--config.global_batch_size=4", "--config.save_every=3"]
+    run = _run(["train.py", "--config", "configs/tiny.py", "--workdir", tmp_path / "run", *objective, *small])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "done: step 3" in run.stderr
+    export = _run(["export.py", "--workdir", tmp_path / "run", "--out", tmp_path / "model"])
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert "v_prediction prediction" in export.stderr
+    written = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert written["prediction_type"] == "v_prediction" and written["rescale_betas_zero_snr"] is True
+    assert written["timestep_spacing"] == "trailing"
+
+    ours = InstructPix2PixPipeline.from_pretrained(tmp_path / "model")
+    assert ours.scheduler.prediction_type == "v_prediction" and ours.scheduler.config.rescale_betas_zero_snr
+    reference = StableDiffusionInstructPix2PixPipeline.from_pretrained(tmp_path / "model", safety_checker=None)
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    rng = np.random.RandomState(0)
+    images = [Image.fromarray(rng.randint(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    prompts = ["make it red", "make it blue"]
+    latents = rng.randn(2, 4, 16, 16).astype(np.float32)
+    settings = dict(num_inference_steps=5, guidance_scale=7.5, image_guidance_scale=1.5, output_type="np")
+    expected = reference(prompts, image=images, latents=torch.from_numpy(latents), **settings).images
+    got = ours(images, prompts, scheduler="euler", latents=latents.transpose(0, 2, 3, 1), progress=False, **settings)
+    difference = float(np.abs(got.images - expected).max())
+    print(f"exported v-prediction, zero-SNR run, Euler (trailing), 5 steps: max abs pixel difference {difference:.2e}")
+    assert difference <= 2e-3
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 The recipe of the reference (``ddpm_edit.py`` / diffusers' ``train_instruct_pix2pix.py``): target latents
 ``scaling_factor * E(edited).sample()``, conditioning latents ``E(input).mode()`` (unscaled), epsilon-prediction
-MSE at ``t`` uniform in ``[0, num_train_timesteps)``, conditioning dropout, AdamW, EMA.
+MSE at ``t`` uniform in ``[0, num_train_timesteps)``, conditioning dropout, AdamW, EMA. The objective (v-prediction,
+Min-SNR weighting, offset noise) is a setting shared with the text-to-image step (``objective.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import optax
 from ip2p_jax.models.clip_text import CLIPTextModel
 from ip2p_jax.models.unet import UNet2DConditionModel
 from ip2p_jax.models.vae import AutoencoderKL, sample_latent
+from ip2p_jax.training.objective import Objective, add_noise, diffusion_loss, draw_noise, target
 from ip2p_jax.training.state import TrainState, apply_gradients, norm_metrics
 
 
@@ -27,6 +29,7 @@ class StepSettings:
     Attributes:
       alphas_cumprod: ``(num_train_timesteps,)`` of the checkpoint's noise schedule (a tuple, to stay hashable).
       dropout: conditioning dropout probability ``p`` (0.05).
+      objective: prediction type, Min-SNR weighting and offset noise (the reference's epsilon MSE by default).
       ema_max_decay: 0.9999.
       accumulation: batches per optimizer step (the EMA updates once per optimizer step).
     """
@@ -40,6 +43,7 @@ class StepSettings:
     ema_max_decay: float = 0.9999
     accumulation: int = 1
     learning_rate: float = 1e-4
+    objective: Objective = Objective()
 
 
 def conditioning_dropout(key: jax.Array, batch: int, p: float) -> tuple[jax.Array, jax.Array]:
@@ -96,16 +100,17 @@ def train_step(
         context, image_latents, frozen["null_context"], drop_text, drop_image
     )
 
+    objective = settings.objective
     alphas_cumprod = jnp.asarray(settings.alphas_cumprod, jnp.float32)
     timesteps = jax.random.randint(k_time, (batch_size,), 0, alphas_cumprod.shape[0])
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    alpha = alphas_cumprod[timesteps][:, None, None, None]
-    noisy = jnp.sqrt(alpha) * latents + jnp.sqrt(1 - alpha) * noise
+    noise = draw_noise(k_noise, latents.shape, objective.noise_offset)
+    noisy = add_noise(alphas_cumprod, timesteps, latents, noise)
+    wanted = target(alphas_cumprod, timesteps, latents, noise, objective.prediction_type)
     unet_input = jnp.concatenate([noisy, image_latents], axis=-1)
 
     def loss_fn(params):
-        eps, _ = settings.unet.apply({"params": params}, unet_input, timesteps, context)
-        return jnp.mean((eps.astype(jnp.float32) - noise) ** 2)
+        prediction, _ = settings.unet.apply({"params": params}, unet_input, timesteps, context)
+        return diffusion_loss(prediction, wanted, alphas_cumprod, timesteps, objective)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     new_state, updates = apply_gradients(

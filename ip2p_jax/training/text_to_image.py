@@ -2,7 +2,8 @@
 
 Target latents ``scaling_factor * E(image).sample()``, the caption encoded by the frozen text encoder and replaced
 by the encoding of ``""`` with probability ``caption_dropout`` (so that classifier-free guidance has an
-unconditional model), epsilon-prediction MSE at ``t`` uniform in ``[0, num_train_timesteps)``. With grounding
+unconditional model), epsilon-prediction MSE at ``t`` uniform in ``[0, num_train_timesteps)`` (or the objective of
+``objective.py``: v-prediction, Min-SNR weighting, offset noise). With grounding
 weights above zero the UNet also returns its cross-attention maps at ``grounding_sizes`` and the step adds
 ``token_weight * L_token + pixel_weight * L_pixel`` (``grounding.py``) for the words of captions that were kept.
 """
@@ -21,6 +22,7 @@ from ip2p_jax.models.clip_text import CLIPTextModel
 from ip2p_jax.models.unet import UNet2DConditionModel
 from ip2p_jax.models.vae import AutoencoderKL, sample_latent
 from ip2p_jax.training.grounding import grounding_losses
+from ip2p_jax.training.objective import Objective, add_noise, diffusion_loss, draw_noise, target
 from ip2p_jax.training.state import TrainState, apply_gradients, norm_metrics
 
 
@@ -34,6 +36,7 @@ class TextToImageStepSettings:
       caption_dropout: probability of training on the empty caption (Stable Diffusion: 0.1).
       token_weight, pixel_weight: weights of the grounding terms (0 turns a term off; both 0 records no maps).
       grounding_sizes: the ``(h, w)`` sizes of the cross-attention layers the grounding terms read.
+      objective: prediction type, Min-SNR weighting and offset noise (epsilon MSE by default).
     """
 
     unet: UNet2DConditionModel
@@ -48,6 +51,7 @@ class TextToImageStepSettings:
     ema_max_decay: float = 0.9999
     accumulation: int = 1
     learning_rate: float = 1e-4
+    objective: Objective = Objective()
 
     @property
     def grounded(self) -> bool:
@@ -80,16 +84,17 @@ def text_to_image_step(
     dropped = jax.random.uniform(k_drop, (batch_size,)) < settings.caption_dropout
     context = jnp.where(dropped[:, None, None], frozen["null_context"].astype(context.dtype), context)
 
+    objective = settings.objective
     alphas_cumprod = jnp.asarray(settings.alphas_cumprod, jnp.float32)
     timesteps = jax.random.randint(k_time, (batch_size,), 0, alphas_cumprod.shape[0])
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    alpha = alphas_cumprod[timesteps][:, None, None, None]
-    noisy = jnp.sqrt(alpha) * latents + jnp.sqrt(1 - alpha) * noise
+    noise = draw_noise(k_noise, latents.shape, objective.noise_offset)
+    noisy = add_noise(alphas_cumprod, timesteps, latents, noise)
+    wanted = target(alphas_cumprod, timesteps, latents, noise, objective.prediction_type)
     control = RecordCrossAttention(sizes=settings.grounding_sizes) if settings.grounded else None
 
     def loss_fn(params):
-        eps, maps = settings.unet.apply({"params": params}, noisy, timesteps, context, control)
-        mse = jnp.mean((eps.astype(jnp.float32) - noise) ** 2)
+        prediction, maps = settings.unet.apply({"params": params}, noisy, timesteps, context, control)
+        mse = diffusion_loss(prediction, wanted, alphas_cumprod, timesteps, objective)
         if not settings.grounded:
             return mse, {"mse": mse}
         valid = batch["word_valid"] & ~dropped[:, None]

@@ -185,10 +185,21 @@ def load_noise_schedule(
     path_or_repo_id: PathOrRepo, subfolder: str = "scheduler", *, revision: str | None = None
 ) -> dict[str, Any]:
     """The training noise schedule of a checkpoint (``beta_start``, ``beta_end``, ``beta_schedule``,
-    ``num_train_timesteps``, diffusers' defaults where absent) from its ``scheduler_config.json``, whatever the
-    scheduler class."""
+    ``num_train_timesteps``, ``rescale_betas_zero_snr``, diffusers' defaults where absent) from its
+    ``scheduler_config.json``, whatever the scheduler class: keywords of ``schedulers.SchedulerConfig``."""
     config = read_config(resolve_folder(path_or_repo_id, subfolder, revision=revision), "scheduler_config.json")
     if config.get("trained_betas") is not None:
         raise CheckpointError(f"{path_or_repo_id}: schedulers with trained_betas are not supported")
-    defaults = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000)
+    defaults = dict(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000, rescale_betas_zero_snr=False
+    )
     return {key: config.get(key, default) for key, default in defaults.items()}
+
+
+def load_prediction_type(
+    path_or_repo_id: PathOrRepo, subfolder: str = "scheduler", *, revision: str | None = None
+) -> str:
+    """What a checkpoint's UNet predicts, from its ``scheduler_config.json``: ``epsilon`` (diffusers' default) or
+    ``v_prediction``."""
+    config = read_config(resolve_folder(path_or_repo_id, subfolder, revision=revision), "scheduler_config.json")
+    return config.get("prediction_type", "epsilon")

@@ -154,18 +154,30 @@ def export_clip(out: str | Path, params: Mapping, source: str | Path) -> Path:
     return out
 
 
-def ip2p_scheduler_config(beta_start: float, beta_end: float, beta_schedule: str, num_train_timesteps: int) -> dict:
-    """The released InstructPix2Pix scheduler (Euler ancestral) over the noise schedule the UNet was trained with."""
-    return {
+def ip2p_scheduler_config(
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: str,
+    num_train_timesteps: int,
+    rescale_betas_zero_snr: bool = False,
+    prediction_type: str = "epsilon",
+) -> dict:
+    """The released InstructPix2Pix scheduler (Euler ancestral) over the noise schedule the UNet was trained with,
+    for its prediction type. A zero terminal SNR schedule gets the trailing timestep spacing (Lin et al. 2024, 3.3),
+    so that sampling starts at the last timestep, pure noise."""
+    config = {
         "_class_name": "EulerAncestralDiscreteScheduler",
         "beta_start": beta_start,
         "beta_end": beta_end,
         "beta_schedule": beta_schedule,
         "num_train_timesteps": num_train_timesteps,
-        "prediction_type": "epsilon",
+        "prediction_type": prediction_type,
         "steps_offset": 1,
         "trained_betas": None,
     }
+    if rescale_betas_zero_snr:
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return config
 
 
 def write_scheduler(folder: str | Path, config: Mapping[str, Any]) -> None:
