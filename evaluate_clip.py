@@ -2,6 +2,7 @@
 
     python evaluate_clip.py --config configs/evaluate_clip.py --config.data=DATA --out RESULTS
     python evaluate_clip.py --config configs/evaluate_clip.py:tiny --config.data=/tmp/tiny-data --out /tmp/curve
+    python evaluate_clip.py --config configs/evaluate_clip.py:shapes --out runs/clip-curve   # ShapesEdit, our CLIP
 
 Edits the test split of a released-layout data set at each image guidance scale, scores every edit with CLIP
 (image similarity to the input, directional similarity to the caption change) and writes
@@ -51,13 +52,20 @@ def main(argv: list[str]) -> int:
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/evaluate_clip.py")
     if not config.data:
-        raise app.UsageError("no data: give --config.data=FOLDER (the released layout, e.g. from generate_data.py)")
+        raise app.UsageError(
+            "no data: give --config.data=FOLDER (the released layout, e.g. from generate_data.py) or a ShapesEdit "
+            "TFDS name (shapes_edit)"
+        )
     import tempfile
 
-    from ip2p_jax.clip_evaluation import load_edit_examples, sweep, write_results
+    from ip2p_jax.clip_evaluation import load_edit_examples, load_shapes_edit_examples, sweep, write_results
 
     try:
-        examples = load_edit_examples(config.data, config.split, config.num_samples, config.resolution)
+        if config.data.split("/")[0] == "shapes_edit":  # a TFDS name: ShapesEdit's caption triples
+            data_dir = config.get("data_dir") or None
+            examples = load_shapes_edit_examples(config.data, config.split, config.num_samples, data_dir)
+        else:
+            examples = load_edit_examples(config.data, config.split, config.num_samples, config.resolution)
         with tempfile.TemporaryDirectory() as workdir:
             pipeline, (clip_module, clip_params, clip_tokenizer) = load_editor(config, Path(workdir))
         rows = sweep(

@@ -165,7 +165,58 @@ def ip2p_task(config, workdir: Path, main_process: bool) -> Task:
         )
 
     samples = lambda ema, rows: sample_edit_grid(pipeline(), ema, rows, config.sample_steps)  # noqa: E731
-    return Task(params, tx, functools.partial(train_step, settings=settings), frozen, batch, samples)
+    evaluate = None
+    if config.get("eval_count", 0) and config.data.split("/")[0] == "shapes_edit":
+        evaluate = keyword_localisation(config, unet, vae, vae_params, text, text_params, tokenizer, betas)
+    step = functools.partial(train_step, settings=settings)
+    return Task(params, tx, step, frozen, batch, samples, evaluate)
+
+
+def keyword_localisation(config, unet, vae, vae_params, text, text_params, tokenizer, betas) -> Callable:
+    """``EMA params -> {name: value}``: the instruction keyword's localisation (``ip2p_jax/localisation.py``) on
+    ``eval_count`` fresh ShapesEdit training-distribution edits (drawn past the split's end, so never trained on;
+    the test splits stay untouched), conditioned on the input picture as FoI's mask step is."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ip2p_jax.data import shapes_edit
+    from ip2p_jax.foi import SubInstruction, instruction_tokens
+    from ip2p_jax.localisation import localisation, noised_maps
+    from ip2p_jax.schedulers import SchedulerConfig
+    from ip2p_jax.tokenizer import tokenize
+
+    builder_config = shapes_edit.ShapesEditConfig(name="eval", leak_fraction=0.0)
+    examples = [shapes_edit.draw(builder_config, "train", 10**6 + i) for i in range(config.eval_count)]
+    pixels = np.stack([e.input_image for e in examples]).astype(np.float32) / 127.5 - 1.0
+    image_latents, _ = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method="encode"))(pixels)
+    latents = vae.config.scaling_factor * image_latents
+    context = text.apply({"params": text_params}, jnp.asarray(tokenize(tokenizer, [e.instruction for e in examples])))
+    weights = np.stack(
+        [instruction_tokens(tokenizer, [SubInstruction(e.instruction, e.edits[0].keyword)]).keyword_weights
+         for e in examples]
+    )  # fmt: skip
+    regions = np.stack([e.regions[:1] for e in examples])
+    valid = np.ones(weights.shape[:2], bool)
+    alphas_cumprod = SchedulerConfig(**betas).alphas_cumprod()
+    unet_apply = lambda p, *a: unet.apply({"params": p}, *a)  # noqa: E731
+    size = tuple(config.eval_map_size)
+    maps_at = jax.jit(
+        lambda p, noise, t, a: noised_maps(unet_apply, p, latents, noise, t, a, context, size, image_latents),
+        static_argnums=2,  # the timestep: one compile per measured timestep
+    )
+
+    def evaluate(ema):
+        measured = {}
+        for t in config.eval_timesteps:
+            noise = jax.random.normal(jax.random.key(t), latents.shape)
+            maps = np.asarray(maps_at(ema, noise, int(t), float(alphas_cumprod[t])))
+            found = localisation(maps, weights, regions, valid, gamma=config.eval_gamma, tau=config.eval_tau)
+            measured[f"keyword_iou_t{t}"] = float(np.nanmean(found["iou"]))
+            measured[f"keyword_inside_over_mean_t{t}"] = float(np.nanmean(found["inside_over_mean"]))
+        return measured
+
+    return evaluate
 
 
 def autoencoder_task(config, workdir: Path, main_process: bool) -> Task:

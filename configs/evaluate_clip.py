@@ -2,8 +2,10 @@
 
     python evaluate_clip.py --config configs/evaluate_clip.py --config.data=DATA --out RESULTS
     python evaluate_clip.py --config configs/evaluate_clip.py:tiny --config.data=/tmp/tiny-data --out /tmp/curve
+    python evaluate_clip.py --config configs/evaluate_clip.py:shapes --out runs/clip-curve   # ShapesEdit
 
-``data`` is a folder in the released layout (``generate_data.py`` writes one); the edits come from its test split.
+``data`` is a folder in the released layout (``generate_data.py`` writes one), the edits from its test split, or a
+ShapesEdit TFDS name (``shapes_edit``) whose caption triples give the captions.
 The default is the reference's (``metrics/compute_metrics.py``): the released checkpoint, text guidance 7.5, image
 guidance 1.0 to 2.2, 100 steps at 512 px, CLIP ViT-L/14; the paper averages 2000 edits.
 """
@@ -36,7 +38,18 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.steps = 4
         config.image_guidance_scales = (1.0, 1.6, 2.2)
         config.batch_size = 4
+    elif variant == "shapes":
+        # The shipped ShapesEdit editor scored by the lineage's CLIP on ShapesEdit's caption triples (test_single).
+        config.model = "models/shapes-ip2p"
+        config.clip = "models/shapes-clip"
+        config.data = "shapes_edit"  # a TFDS name: the split's pictures and captions (built on first use)
+        config.data_dir = ""  # TFDS data_dir ("" = TFDS's default)
+        config.split = "test_single"
+        config.num_samples = 200
+        config.resolution = 64
+        config.steps = 50
+        config.batch_size = 25
     elif variant:
-        raise ValueError(f"unknown variant {variant!r} (the default, or 'tiny')")
+        raise ValueError(f"unknown variant {variant!r} (the default, 'tiny' or 'shapes')")
     config.lock()
     return config

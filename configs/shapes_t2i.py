@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = "shapes_captions"
     config.resolution = 64
     config.caption_dropout = 0.1
-    config.grounding = dict(token_weight=0.05, pixel_weight=0.05, sizes=((16, 16), (8, 8)))
+    config.grounding = dict(token_weight=1.0, pixel_weight=1.0, sizes=((16, 16), (8, 8)))
     config.global_batch_size = 32
     config.accumulation = 1
     config.steps = 4000

@@ -102,6 +102,28 @@ def load_edit_examples(
     return examples
 
 
+def load_shapes_edit_examples(
+    name: str = "shapes_edit", split: str = "test_single", limit: int | None = None, data_dir: str | None = None
+) -> list[EditExample]:
+    """The edits of a ShapesEdit split (TFDS ``name``, e.g. ``"shapes_edit"`` or ``"shapes_edit/small"``, built here
+    if needed) with their caption triples (builder 1.1.0), at most ``limit``, pictures as stored (64 x 64)."""
+    from ip2p_jax.data.input_pipeline import prepared_builder
+
+    builder = prepared_builder(name, data_dir, None, prepare=True)
+    if split not in builder.info.splits:
+        raise ValueError(f"split must be one of {sorted(builder.info.splits)}, got {split!r}")
+    examples = []
+    for index, record in enumerate(builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator()):
+        if limit is not None and index >= limit:
+            break
+        text = {key: record[key].decode() for key in ("input_caption", "edited_caption", "instruction")}
+        examples.append(
+            EditExample(split, str(index), record["input_image"], text["input_caption"], text["edited_caption"],
+                        text["instruction"])
+        )  # fmt: skip
+    return examples
+
+
 def clip_scores(clip_module, clip_params, clip_tokenizer, inputs_01, edited_01, input_captions, output_captions):
     """The four CLIP scores of edits: ``(B, H, W, 3)`` float images in [0, 1] and captions -> ``{name: (B,)}``."""
     size = clip_module.config.vision.image_size

@@ -153,3 +153,33 @@ def test_cli_tiny_config(tmp_path):
     command[4] = "--config.data=/nonexistent"
     missing = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert missing.returncode == 2 and "has no seeds.json" in missing.stderr
+
+
+def test_shapes_edit_examples_carry_the_caption_triples(tmp_path):
+    from ip2p_jax.clip_evaluation import load_shapes_edit_examples
+    from ip2p_jax.data.shapes_edit import ShapesEditConfig, draw, draw_captions
+
+    examples = load_shapes_edit_examples("shapes_edit/small", "test_single", 3, str(tmp_path / "tfds"))
+    config = ShapesEditConfig(name="small", num_train=64, num_test=8)
+    assert len(examples) == 3
+    for example in examples:  # the builder keeps its own order: find each by its picture
+        index = next(i for i in range(8) if np.array_equal(draw(config, "test_single", i).input_image, example.image))
+        drawn = draw(config, "test_single", index)
+        assert (example.input_caption, example.output_caption) == draw_captions(config, "test_single", index, drawn)
+        assert example.instruction == drawn.instruction
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_shapes_edit_examples("shapes_edit/small", "test", 1, str(tmp_path / "tfds"))
+
+
+@pytest.mark.slow
+def test_cli_shapes_config_scores_the_shipped_model_with_the_lineage_clip(tmp_path):
+    settings = [f"--config.data_dir={tmp_path / 'tfds'}", "--config.num_samples=2", "--config.steps=2",
+                "--config.image_guidance_scales=(1.0, 2.0)", "--config.data=shapes_edit/small"]  # fmt: skip
+    config = str(ROOT / "configs/evaluate_clip.py:shapes")
+    command = [sys.executable, str(ROOT / "evaluate_clip.py"), "--config", config, *settings]
+    command += ["--out", str(tmp_path / "out"), "--noprogress"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out" / "clip_tradeoff.jsonl").read_text().splitlines()]
+    assert [r["image_guidance_scale"] for r in rows] == [1.0, 2.0] and rows[0]["num_samples"] == 2
+    assert all(-1.0 <= r["clip_sim_dir"] <= 1.0 and 0.0 < r["clip_sim_image"] <= 1.0 for r in rows)

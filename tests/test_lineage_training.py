@@ -160,11 +160,12 @@ TINY_CLIP = [
 
 @pytest.mark.slow
 def test_clip_and_text_to_image_train_export_and_load(tmp_path):
-    """The lineage end to end on tiny models: a CLIP trains with a falling loss, exports a folder that
-    transformers loads and that equals ours; a text-to-image model trains over its text tower with the grounding
-    objective, measures word localisation and exports a folder that diffusers loads."""
+    """The lineage end to end on tiny models: a CLIP trains, exports a folder that transformers loads and that
+    equals ours; a text-to-image model trains over its text tower with the grounding objective, measures word
+    localisation and exports a folder that diffusers loads; InstructPix2Pix fine-tunes from it (4 -> 8 channels),
+    measures the keyword's localisation and exports an editing folder."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
     from transformers import CLIPModel
 
     from ip2p_jax.weights import load_clip, load_tokenizer
@@ -204,3 +205,17 @@ def test_clip_and_text_to_image_train_export_and_load(tmp_path):
     assert export.returncode == 0, export.stderr[-3000:]
     pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "t2i-model", safety_checker=None)
     assert pipeline.unet.config.in_channels == 4 and pipeline.text_encoder.config.hidden_size == 16
+
+    # InstructPix2Pix from it (4 -> 8 channels), measuring the keyword's localisation on the way.
+    ip2p = ["train.py", "--config", "configs/shapes_ip2p.py", "--workdir", tmp_path / "ip2p"]
+    data = ["--config.data=shapes_edit/small", f"--config.data_dir={tmp_path / 'tfds'}"]
+    evaluation = ["--config.sample_every=2", "--config.sample_count=2", "--config.sample_steps=2",
+                  "--config.eval_count=4", "--config.eval_timesteps=(800,)"]  # fmt: skip
+    model = [f"--config.model={tmp_path / 't2i-model'}", "--config.steps=2", "--config.global_batch_size=2"]
+    run = _run([*ip2p, *data, *evaluation, *model])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "keyword_iou_t800" in run.stderr
+    export = _run(["export.py", "--workdir", tmp_path / "ip2p", "--out", tmp_path / "ip2p-model"])
+    assert export.returncode == 0, export.stderr[-3000:]
+    edit = StableDiffusionInstructPix2PixPipeline.from_pretrained(tmp_path / "ip2p-model", safety_checker=None)
+    assert edit.unet.config.in_channels == 8
