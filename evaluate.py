@@ -247,8 +247,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
     (args.out / "results.md").write_text(table)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    settings["foi"] = dataclasses.asdict(foi_config)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "foi_config"}
+    settings["foi_overrides"], settings["foi"] = settings.pop("foi"), dataclasses.asdict(foi_config)
     record = {"settings": settings, "results": results, "per_example": per_example}
     (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     width = max(g.shape[1] for g in grids)

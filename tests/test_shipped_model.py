@@ -67,13 +67,14 @@ def small_data(tmp_path_factory) -> str:
 def evaluation(tmp_path_factory, small_data):
     out = tmp_path_factory.mktemp("evaluation")
     argv = ["--dataset", "shapes_edit/small", "--data-dir", small_data, "--limit", "2", "--steps", "4"]
-    argv += ["--out", str(out)]
+    argv += ["--out", str(out), "--foi", "gamma=2"]
     assert evaluate.main(argv) == 0
     return out
 
 
 def test_evaluate_writes_a_table_json_and_a_grid(evaluation):
     record = json.loads((evaluation / "results.json").read_text())
+    assert record["settings"]["foi_overrides"] == ["gamma=2"] and record["settings"]["foi"]["gamma"] == 2
     assert set(record["results"]) == set(evaluate.SPLITS)
     for split, methods in record["results"].items():
         assert set(methods) == set(evaluate.METHODS)
@@ -111,3 +112,4 @@ def test_attention_localisation_tool(small_data, tmp_path):
         assert 0.0 <= iou <= 1.0 and ratio > 0.0
     sweeps = json.loads((tmp_path / "figures.json").read_text())["sweeps"]["500"]
     assert len(sweeps) == len(tool.SWEEP_GAMMAS) * len(tool.SWEEP_TAUS)
+    assert all(set(cell) == {*results[500], "all"} for cell in sweeps.values())
