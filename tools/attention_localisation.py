@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SWEEP_GAMMAS, SWEEP_TAUS = (1, 2, 3), (0.3, 0.4, 0.5, 0.6, 0.7)
+SWEEP_GAMMAS, SWEEP_TAUS = (0, 1, 2, 3), (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def caption_prompts(pipe, count: int, seed: int = 0):
@@ -68,6 +68,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--timesteps", default="300,500,700,800")
     parser.add_argument("--gamma", type=int, default=None, help="default: the model's foi_config.json")
     parser.add_argument("--tau", type=float, default=None, help="default: the model's foi_config.json")
+    parser.add_argument("--mask-downsample", type=int, default=None, help="default: the model's foi_config.json")
     parser.add_argument("--sweep", action="store_true", help=f"also IoU over gamma {SWEEP_GAMMAS} x tau {SWEEP_TAUS}")
     parser.add_argument("--dataset", default="shapes_edit", help="IP2P: TFDS name (and config)")
     parser.add_argument("--data-dir", default=None, help="IP2P: TFDS data_dir (default TFDS's)")
@@ -81,7 +82,8 @@ def main(argv=None) -> dict:
     from ip2p_jax.weights import load_noise_schedule
 
     pipe = InstructPix2PixPipeline.from_pretrained(args.model)
-    foi = FoIConfig.for_model(args.model)
+    chosen = {"mask_downsample": args.mask_downsample} if args.mask_downsample is not None else {}
+    foi = FoIConfig.for_model(args.model, **chosen)
     gamma = foi.gamma if args.gamma is None else args.gamma
     tau = (foi.tau if isinstance(foi.tau, float | int) else sum(foi.tau) / 2) if args.tau is None else args.tau
     ip2p = pipe.unet.config.in_channels == 8
@@ -107,36 +109,34 @@ def main(argv=None) -> dict:
     print(f"{args.model}: {len(prompts)} {what}, maps of {size[0]}x{size[1]}, FoI masks at gamma {gamma}, tau {tau}")
     groups = {kind: kinds == kind for kind in dict.fromkeys(kinds)}  # (G,) word slots, or (B,) examples for IP2P
     results, sweeps = {}, {}
+
+    def by_kind(values: np.ndarray) -> dict[str, float]:
+        """Per-word figures ``(B, G)`` averaged within each kind of word, and over every word (``"all"``)."""
+        kinds_of = {kind: values[chosen] if ip2p else values[:, chosen] for kind, chosen in groups.items()}
+        return {**{kind: float(np.nanmean(v)) for kind, v in kinds_of.items()}, "all": float(np.nanmean(values))}
+
     for t in [int(t) for t in args.timesteps.split(",")]:
         noise = jax.random.normal(jax.random.key(t), latents.shape)
         maps = np.asarray(maps_at(noise, jnp.int32(t), jnp.float32(alphas_cumprod[t])))
         found = localisation(maps, weights, regions, valid, gamma=gamma, tau=tau)
-        results[t] = {}
-        for kind, chosen in groups.items():
-            pick = (lambda x, chosen=chosen: x[chosen]) if ip2p else (lambda x, chosen=chosen: x[:, chosen])
-            results[t][kind] = (
-                float(np.nanmean(pick(found["iou"]))),
-                float(np.nanmean(pick(found["inside_over_mean"]))),
-            )
-        row = "   ".join(
-            f"{kind} IoU {iou:.3f} (inside / mean {ratio:.2f})" for kind, (iou, ratio) in results[t].items()
-        )
+        iou, ratio = by_kind(found["iou"]), by_kind(found["inside_over_mean"])
+        results[t] = {kind: (iou[kind], ratio[kind]) for kind in groups}
+        row = "   ".join(f"{kind} IoU {a:.3f} (inside / mean {b:.2f})" for kind, (a, b) in results[t].items())
         print(f"t = {t}: {row}")
         if args.sweep:
             sweeps[t] = {
-                f"gamma {g}, tau {x}": float(
-                    np.nanmean(localisation(maps, weights, regions, valid, gamma=g, tau=x)["iou"])
-                )
+                f"gamma {g}, tau {x}": by_kind(localisation(maps, weights, regions, valid, gamma=g, tau=x)["iou"])
                 for g in SWEEP_GAMMAS
                 for x in SWEEP_TAUS
             }
     if args.sweep:
-        print("IoU of every word, gamma (rows) x tau (columns):")
-        for t, sweep in sweeps.items():
-            print(f"t = {t}")
-            print("         " + "".join(f"{x:>8}" for x in SWEEP_TAUS))
-            for g in SWEEP_GAMMAS:
-                print(f"gamma {g}  " + "".join(f"{sweep[f'gamma {g}, tau {x}']:8.3f}" for x in SWEEP_TAUS))
+        for kind in [*groups, "all"]:
+            print(f"FoI-mask IoU of {'every word' if kind == 'all' else kind}, gamma (rows) x tau (columns):")
+            for t, sweep in sweeps.items():
+                print(f"  t = {t}")
+                print("           " + "".join(f"{x:>8}" for x in SWEEP_TAUS))
+                for g in SWEEP_GAMMAS:
+                    print(f"  gamma {g}  " + "".join(f"{sweep[f'gamma {g}, tau {x}'][kind]:8.3f}" for x in SWEEP_TAUS))
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "sweeps": sweeps}, indent=2) + "\n")
     return results
