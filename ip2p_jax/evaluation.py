@@ -9,6 +9,12 @@
 * **Mask IoU** of a predicted mask (FoI's, at its own resolution) against a ground-truth region brought to that
   resolution (a cell is inside when at least half its pixels are).
 
+* **Colours of a generated scene** (the text-to-image stage of the lineage, docs/shapes.md): a picture generated
+  from a scene's caption has its objects anywhere, so only what it contains is judged: each captioned object's
+  colour covers at least ``PRESENCE_FRACTION`` of the object's area (objects sharing a colour add up), object
+  colours the caption does not name cover less than that share of its smallest object, and the most common
+  background colour is the captioned one. Shapes are judged by a CLIP (``tools/text_to_image_fidelity.py``).
+
 Images are ``(H, W, 3)`` uint8 or float in [0, 255]; masks are bool.
 """
 
@@ -16,9 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ip2p_jax.data.shapes import classify_pixels
+from ip2p_jax.data.shapes import BACKGROUND_COLOURS, OBJECT_COLOURS, PALETTE, Scene, classify_pixels
 
 SUCCESS_AGREEMENT = 0.7  # fixed before any model was evaluated
+PRESENCE_FRACTION = 0.3  # fixed before any generated scene was judged
 
 
 def region_agreement(output: np.ndarray, target: np.ndarray, region: np.ndarray) -> float:
@@ -64,3 +71,31 @@ def mask_iou(predicted: np.ndarray, region: np.ndarray) -> float:
     predicted = predicted.astype(bool)
     union = np.logical_or(predicted, truth).sum()
     return 1.0 if union == 0 else float(np.logical_and(predicted, truth).sum() / union)
+
+
+def generated_scene_colours(generated: np.ndarray, scene: Scene) -> dict[str, float | bool]:
+    """Judges a picture generated from ``scene``'s caption by its colours (module docstring).
+
+    Returns:
+      ``objects_found``: the fraction of the scene's objects whose colour is present; ``all_objects``: whether every
+      one is; ``extra_colours``: how many object colours the caption does not name are present; ``background``:
+      whether the most common background colour is the scene's.
+    """
+    names = list(PALETTE)
+    counts = np.bincount(classify_pixels(generated).ravel(), minlength=len(names))
+    areas = scene.object_masks().sum(axis=(1, 2))
+    named = {}
+    for obj, area in zip(scene.objects, areas, strict=True):
+        named[obj.colour] = named.get(obj.colour, 0) + int(area)
+    found = {colour: counts[names.index(colour)] >= PRESENCE_FRACTION * area for colour, area in named.items()}
+    objects_found = float(np.mean([found[obj.colour] for obj in scene.objects])) if scene.objects else 1.0
+    smallest = PRESENCE_FRACTION * (areas.min() if len(areas) else 0)
+    extra = sum(1 for c in OBJECT_COLOURS if c not in named and counts[names.index(c)] >= max(smallest, 1))
+    backgrounds = [names.index(c) for c in BACKGROUND_COLOURS]
+    background = names[backgrounds[int(np.argmax(counts[backgrounds]))]] == scene.background
+    return {
+        "objects_found": objects_found,
+        "all_objects": objects_found == 1.0,
+        "extra_colours": extra,
+        "background": bool(background),
+    }

@@ -71,3 +71,27 @@ def test_mask_iou_at_the_mask_resolution():
     np.testing.assert_array_equal(evaluation.downsample_mask(half, (4, 4))[0], [True, False, False, False])
     with pytest.raises(ValueError, match="does not divide"):
         evaluation.downsample_mask(region, (5, 5))
+
+
+def test_generated_scene_colours_judges_what_a_picture_contains():
+    """A scene's own rendering has everything; repainting an object or the background is caught."""
+    from ip2p_jax.data.shapes import BACKGROUND_COLOURS, OBJECT_COLOURS, Scene, ShapeObject
+    from ip2p_jax.evaluation import generated_scene_colours
+
+    scene = Scene("white", True, (ShapeObject("circle", "red", 16, 16, 10), ShapeObject("square", "blue", 44, 44, 9)))
+    image = scene.render()
+    assert generated_scene_colours(image, scene) == {
+        "objects_found": 1.0, "all_objects": True, "extra_colours": 0, "background": True
+    }  # fmt: skip
+    moved = np.roll(image, (5, -7), axis=(0, 1))  # positions are free
+    assert generated_scene_colours(moved, scene)["all_objects"]
+    repainted = image.copy()
+    repainted[scene.objects[0].mask()] = OBJECT_COLOURS["green"]  # the red circle is now green
+    judged = generated_scene_colours(repainted, scene)
+    assert judged["objects_found"] == 0.5 and not judged["all_objects"] and judged["extra_colours"] == 1
+    dark = image.copy()
+    dark[~scene.object_masks().any(axis=0)] = BACKGROUND_COLOURS["black"]
+    assert not generated_scene_colours(dark, scene)["background"]
+    speck = image.copy()
+    speck[:3, 60:] = OBJECT_COLOURS["orange"]  # 12 pixels: too few to be an object
+    assert generated_scene_colours(speck, scene)["extra_colours"] == 0

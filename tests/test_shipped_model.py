@@ -97,14 +97,36 @@ def test_evaluate_refuses_unknown_methods(capsys):
     assert "unknown method 'magic'" in capsys.readouterr().err
 
 
-def test_attention_localisation_tool(small_data, tmp_path):
-    """docs/shapes.md's localisation figures come from this tool: it runs on the shipped model and gives IoUs."""
+def _tool(name: str):
+    """``tools/NAME.py`` as a module."""
     import importlib.util
 
-    path = ROOT / "tools" / "attention_localisation.py"
-    spec = importlib.util.spec_from_file_location("attention_localisation", path)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_text_to_image_fidelity_tool(tmp_path):
+    """docs/shapes.md's figures of the lineage's text-to-image model: the judge is perfect on real scenes' colours
+    and the shape variants swap exactly one word."""
+    tool = _tool("text_to_image_fidelity")
+    from ip2p_jax.data import captioned_scenes
+
+    scene, order = captioned_scenes.draw_scene(0, "eval", 0)
+    for truth, texts in tool.shape_variants(scene, order):
+        assert len(set(texts)) == 4 and texts[truth] == captioned_scenes.captioned_scene(scene, order).caption
+    argv = ["--count", "2", "--batch", "2", "--steps", "2", "--grid", str(tmp_path / "grid.png")]
+    results = tool.main(argv)
+    assert results["real"]["objects_found"] == 1.0 and results["real"]["background"] == 1.0
+    assert results["real"]["extra_colours"] == 0.0
+    assert all(0.0 <= value <= 1.0 for key, value in results["generated"].items() if key != "extra_colours")
+    assert Image.open(tmp_path / "grid.png").size == (2 * 2 * 128, 2 * 64)
+
+
+def test_attention_localisation_tool(small_data, tmp_path):
+    """docs/shapes.md's localisation figures come from this tool: it runs on the shipped model and gives IoUs."""
+    tool = _tool("attention_localisation")
     argv = ["--dataset", "shapes_edit/small", "--data-dir", small_data, "--limit", "4", "--timesteps", "500"]
     results = tool.main([*argv, "--sweep", "--json", str(tmp_path / "figures.json")])
     assert set(results[500]) <= {"recolour", "reshape", "remove", "background"} and results[500]

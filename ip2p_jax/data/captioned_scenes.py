@@ -54,11 +54,17 @@ def captioned_scene(scene: shapes.Scene, order) -> CaptionedScene:
     return CaptionedScene(scene.render(), described.text, spans, masks)
 
 
-def draw(seed: int, stream: str, index: int) -> CaptionedScene:
-    """Element ``index`` of ``stream`` (``"train"`` or ``"eval"``): a scene of 1 to 4 objects, any combination."""
+def draw_scene(seed: int, stream: str, index: int) -> tuple[shapes.Scene, list[int]]:
+    """The scene of element ``index`` of ``stream`` (``"train"`` or ``"eval"``), 1 to 4 objects in any combination,
+    and its caption's object order."""
     rng = np.random.default_rng([seed, STREAM_SEEDS[stream], index])
     scene = shapes.random_scene(rng, min_objects=1)
-    return captioned_scene(scene, [int(i) for i in rng.permutation(len(scene.objects))])
+    return scene, [int(i) for i in rng.permutation(len(scene.objects))]
+
+
+def draw(seed: int, stream: str, index: int) -> CaptionedScene:
+    """Element ``index`` of ``stream``: ``draw_scene``'s scene with its caption and grounded words."""
+    return captioned_scene(*draw_scene(seed, stream, index))
 
 
 def batch(elements: list[CaptionedScene]) -> dict[str, np.ndarray]:
