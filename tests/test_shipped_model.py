@@ -135,3 +135,27 @@ def test_attention_localisation_tool(small_data, tmp_path):
     sweeps = json.loads((tmp_path / "figures.json").read_text())["sweeps"]["500"]
     assert len(sweeps) == len(tool.SWEEP_GAMMAS) * len(tool.SWEEP_TAUS)
     assert all(set(cell) == {*results[500], "all"} for cell in sweeps.values())
+
+
+def test_attention_localisation_reads_the_keyword_in_either_context(small_data):
+    """``--context caption`` weighs the keyword's own tokens in the input caption, as FoI does in the instruction."""
+    from types import SimpleNamespace
+
+    from ip2p_jax.weights import load_tokenizer
+
+    tool = _tool("attention_localisation")
+    tokenizer = load_tokenizer(ROOT / "models" / "shapes-ip2p")
+    pipe = SimpleNamespace(tokenizer=tokenizer)
+    for context in ("instruction", "caption"):
+        _, prompts, weights, regions, _, kinds = tool.instruction_prompts(
+            pipe, 4, "shapes_edit/small", small_data, context
+        )
+        assert weights.shape[:2] == (4, 1) and regions.shape[:2] == (4, 1)
+        for prompt, weight, kind in zip(prompts, weights[:, 0], kinds, strict=True):
+            ids = tokenizer(prompt, padding="max_length", max_length=weight.shape[-1])["input_ids"]
+            picked = tokenizer.decode([i for i, w in zip(ids, weight, strict=True) if w > 0]).strip()
+            assert picked in prompt.replace(",", " ").split() and (picked == "background") == (kind == "background"), (
+                prompt,
+                picked,
+            )
+            assert ("make" in prompt or "turn" in prompt or "remove" in prompt) == (context == "instruction")

@@ -40,20 +40,31 @@ def caption_prompts(pipe, count: int, seed: int = 0):
     return images, prompts, weights, rows["word_masks"], valid, kinds
 
 
-def instruction_prompts(pipe, count: int, dataset: str, data_dir: str | None):
-    """``test_single``'s first ``count`` examples, keyword weights as FoI computes them, the edit's region."""
+def instruction_prompts(pipe, count: int, dataset: str, data_dir: str | None, context: str = "instruction"):
+    """``test_single``'s first ``count`` examples, keyword weights as FoI computes them, the edit's region. With
+    ``context="caption"`` the prompt is the example's input caption and the keyword is its word there (the same
+    word, read in the context the text-to-image stage was trained on)."""
+    import re
+
     import tensorflow_datasets as tfds
 
     import ip2p_jax.data.shapes_edit  # noqa: F401 (registers the builder)
     from ip2p_jax.foi import SubInstruction, instruction_tokens
+    from ip2p_jax.tokenizer import span_token_weights
 
     examples = list(tfds.as_numpy(tfds.load(dataset, split=f"test_single[:{count}]", data_dir=data_dir)))
-    prompts = [e["instruction"].decode() for e in examples]
-    tokens = [
-        instruction_tokens(pipe.tokenizer, [SubInstruction(text, e["keywords"][0].decode())])
-        for text, e in zip(prompts, examples, strict=True)
-    ]
-    weights = np.stack([t.keyword_weights for t in tokens])  # (B, 1, T)
+    keywords = [e["keywords"][0].decode() for e in examples]
+    if context == "caption":
+        prompts = [e["input_caption"].decode() for e in examples]
+        spans = [re.search(rf"\b{keyword}\b", text).span() for text, keyword in zip(prompts, keywords, strict=True)]
+        weights = span_token_weights(pipe.tokenizer, prompts, np.asarray(spans, np.int32)[:, None])  # (B, 1, T)
+    else:
+        prompts = [e["instruction"].decode() for e in examples]
+        tokens = [
+            instruction_tokens(pipe.tokenizer, [SubInstruction(text, keyword)])
+            for text, keyword in zip(prompts, keywords, strict=True)
+        ]
+        weights = np.stack([t.keyword_weights for t in tokens])  # (B, 1, T)
     regions = np.stack([e["regions"][:1] for e in examples])
     kinds = np.array([e["kinds"][0].decode() for e in examples])
     images = np.stack([e["input_image"] for e in examples])
@@ -70,6 +81,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--tau", type=float, default=None, help="default: the model's foi_config.json")
     parser.add_argument("--mask-downsample", type=int, default=None, help="default: the model's foi_config.json")
     parser.add_argument("--sweep", action="store_true", help=f"also IoU over gamma {SWEEP_GAMMAS} x tau {SWEEP_TAUS}")
+    parser.add_argument(
+        "--context", choices=("instruction", "caption"), default="instruction",
+        help="IP2P: the keyword read in the instruction (as FoI reads it) or in the input caption",
+    )  # fmt: skip
     parser.add_argument("--dataset", default="shapes_edit", help="IP2P: TFDS name (and config)")
     parser.add_argument("--data-dir", default=None, help="IP2P: TFDS data_dir (default TFDS's)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -89,7 +104,7 @@ def main(argv=None) -> dict:
     ip2p = pipe.unet.config.in_channels == 8
     if ip2p:
         images, prompts, weights, regions, valid, kinds = instruction_prompts(
-            pipe, args.limit, args.dataset, args.data_dir
+            pipe, args.limit, args.dataset, args.data_dir, args.context
         )
     else:
         images, prompts, weights, regions, valid, kinds = caption_prompts(pipe, args.limit)
@@ -105,7 +120,7 @@ def main(argv=None) -> dict:
             apply, pipe.params["unet"], latents, noise, t, a, context, size, image_latents if ip2p else None
         )
     )
-    what = "instruction keywords" if ip2p else "caption words"
+    what = f"keywords in their {args.context}s" if ip2p else "caption words"
     print(f"{args.model}: {len(prompts)} {what}, maps of {size[0]}x{size[1]}, FoI masks at gamma {gamma}, tau {tau}")
     groups = {kind: kinds == kind for kind in dict.fromkeys(kinds)}  # (G,) word slots, or (B,) examples for IP2P
     results, sweeps = {}, {}
