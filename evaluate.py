@@ -241,9 +241,10 @@ def main(argv=None) -> int:
                     bar.update(1)
                 results[split][method] = aggregate(figures)
                 per_example[split][method] = figures
-            masks = shown["foi"][1] if "foi" in shown else [None] * GRID_EXAMPLES
+            count = len(next(iter(shown.values()))[0])  # the first batch's examples, at most GRID_EXAMPLES
+            masks = shown["foi"][1] if "foi" in shown else [None] * count
             edits = {name: value[0] for name, value in shown.items()}
-            grids.append(example_rows(data[split][:GRID_EXAMPLES], edits, masks, max_masks=3))
+            grids.append(example_rows(data[split][:count], edits, masks, max_masks=3))
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
     (args.out / "results.md").write_text(table)

@@ -345,9 +345,10 @@ def test_the_table_lists_every_row(per_method_run):
         assert cells[4] == f"{summary['outside_change']:.2f}" == f"{PER_METHOD[method][1]:.2f}"
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate.main shows the first batch's edits beside GRID_EXAMPLES examples: "
-                   "with --batch below 4 the grid indexes past the batch (IndexError)")  # fmt: skip
 def test_a_batch_smaller_than_the_grid(tmp_path_factory, data_dir):
     """``--batch 2`` with more examples than that: the evaluation completes (the grid shows what it has)."""
     extra = ["--limit", "3", "--batch", "2", "--methods", "ip2p,foi", "--splits", "test_single"]
-    run_evaluate(tmp_path_factory, data_dir, ground_truth, *extra)
+    record, _, out = run_evaluate(tmp_path_factory, data_dir, ground_truth, *extra)
+    assert record["results"]["test_single"]["foi"]["examples"] == 3
+    grid = np.asarray(Image.open(out / "examples.png"))
+    assert grid.shape[0] == 2 * 64 * 3  # the first batch's two examples, 64 px enlarged 3x
