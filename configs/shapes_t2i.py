@@ -6,7 +6,11 @@ of the lineage's CLIP (``configs/shapes_clip.py``), with 10 % caption dropout an
     python train.py --config configs/shapes_t2i.py --workdir runs/shapes-t2i
     python export.py --workdir runs/shapes-t2i --out models/shapes-t2i
 
-``--config.grounding.token_weight=0 --config.grounding.pixel_weight=0`` trains without grounding.
+``--config.grounding.token_weight=0 --config.grounding.pixel_weight=0`` trains without grounding. The shipped folder
+continues that run on varied captions (docs/shapes.md, stage 2b):
+
+    python train.py --config configs/shapes_t2i.py --config.model=models/shapes-t2i --config.caption_style=varied \
+        --config.steps=1000 --workdir runs/shapes-t2i-varied
 """
 
 import ml_collections
@@ -34,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
         text_encoder="models/shapes-clip",  # a CLIP folder: its text tower and tokenizer
     )
     config.data = "shapes_captions"
+    config.caption_style = "full"  # or "varied" (ip2p_jax/data/captioned_scenes.py)
     config.resolution = 64
     config.caption_dropout = 0.1
     config.grounding = dict(token_weight=1.0, pixel_weight=1.0, sizes=((16, 16), (8, 8)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -127,6 +128,12 @@ def test_exported_folder_edits_as_diffusers_does(pipelines, images, pipeline_dir
     )
     with pytest.raises(FileExistsError, match="not empty"):
         export_ip2p(out, trained, pipeline_dir, {})
+    # A source folder's FoI settings travel with the fine-tuned model.
+    assert not (out / "foi_config.json").exists()
+    shutil.copytree(pipeline_dir, tmp_path / "with-foi")
+    (tmp_path / "with-foi" / "foi_config.json").write_text('{"gamma": 1}')
+    carried = export_ip2p(tmp_path / "export-foi", trained, tmp_path / "with-foi", {})
+    assert (carried / "foi_config.json").read_text() == '{"gamma": 1}'
 
     loaded = InstructPix2PixPipeline.from_pretrained(out)
     for got, want in zip(jax.tree.leaves(loaded.params["unet"]), jax.tree.leaves(trained), strict=True):

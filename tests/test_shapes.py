@@ -221,3 +221,39 @@ def test_captioned_scene_stream_covers_every_combination_and_grounds_its_words()
     np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), whole["image"])
     held_out = captioned_scenes.draw(0, "eval", 0)
     assert all(held_out.caption != captioned_scenes.draw(0, "train", i).caption for i in range(300))
+
+
+def test_varied_captions_ground_what_they_name_in_the_instructions_contexts():
+    """The same scenes as the full captions; each grounded span is the word naming its own object (or the
+    background), the words not named are padding, and shape words appear after "make the", "turn the", a bare "the",
+    and without their colour, in captions that name only part of the scene."""
+    from ip2p_jax.data import captioned_scenes
+
+    before, partial, count = set(), 0, 300
+    for index in range(count):
+        element = captioned_scenes.draw(0, "train", index, "varied")
+        scene, _ = captioned_scenes.draw_scene(0, "train", index)
+        np.testing.assert_array_equal(element.image, captioned_scenes.draw(0, "train", index).image)
+        assert set(element.caption.replace(",", "").split()) <= set(shapes.WORDS) - {"remove"}, element.caption
+        objects = scene.object_masks()
+        named = 0
+        for slot, ((start, end), mask) in enumerate(zip(element.word_spans, element.word_masks, strict=True)):
+            if start < 0:
+                assert not mask.any()
+                continue
+            word = element.caption[start:end]
+            if slot == captioned_scenes.GROUNDED - 1:
+                assert word == "background"
+                np.testing.assert_array_equal(mask, ~objects.any(axis=0))
+                continue
+            named += 1
+            assert word == scene.objects[slot].shape, element.caption
+            np.testing.assert_array_equal(mask, objects[slot])
+            preceding = element.caption[:start].split()
+            before.add(" ".join(w.strip(",") for w in preceding[-2:]))
+        partial += named < len(scene.objects)
+    # The two words before a shape word: a verb and "the", "the" alone, "the" and a colour, an article alone.
+    assert {"make the", "turn the", "the", "and the", "the red", "a red", "a"} <= before, sorted(before)
+    assert 0.4 < partial / count < 0.9, partial / count
+    with pytest.raises(ValueError, match="caption style"):
+        captioned_scenes.draw(0, "train", 0, "poetic")

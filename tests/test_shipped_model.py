@@ -135,6 +135,16 @@ def test_attention_localisation_tool(small_data, tmp_path):
     sweeps = json.loads((tmp_path / "figures.json").read_text())["sweeps"]["500"]
     assert len(sweeps) == len(tool.SWEEP_GAMMAS) * len(tool.SWEEP_TAUS)
     assert all(set(cell) == {*results[500], "all"} for cell in sweeps.values())
+    # The text-to-image folder reads the same keywords (what the InstructPix2Pix stage starts from); an
+    # InstructPix2Pix folder has no captioned-scene context.
+    t2i_folder = str(ROOT / "models" / "shapes-t2i")
+    t2i = tool.main(
+        [*argv[:4], "--limit", "2", "--timesteps", "500", "--model", t2i_folder, "--context", "instruction"]
+    )
+    assert set(t2i[500]) <= {"recolour", "reshape", "remove", "background"} and t2i[500]
+    assert all(0.0 <= iou <= 1.0 for iou, _ in t2i[500].values())
+    with pytest.raises(SystemExit):
+        tool.main([*argv, "--context", "scene"])
 
 
 def test_attention_localisation_reads_the_keyword_in_either_context(small_data):

@@ -1,14 +1,16 @@
 """Word localisation of any model folder: do its words' cross-attention maps land on the things they name?
 
 FoI's masks are read from the keyword's cross-attention, so this is the question behind them
-(``ip2p_jax/localisation.py`` says how it is measured). For a text-to-image folder (a 4-channel UNet) the prompts
-are captions of held-out scenes of the captioned-scene stream and the words are each object's shape word and
-``background``; for an InstructPix2Pix folder (8 channels) they are ``test_single``'s instructions with the input
-picture as conditioning, and the word is the instruction's keyword (its region: the edit's). Each table row is a
-timestep; the masks are FoI's own (``--gamma``, ``--tau``: the model folder's ``foi_config.json`` by default),
+(``ip2p_jax/localisation.py`` says how it is measured). ``--context scene`` (a text-to-image folder's default): the
+prompts are full captions of held-out scenes of the captioned-scene stream and the words are each object's shape
+word and ``background``. ``--context instruction`` (an InstructPix2Pix folder's default): ``test_single``'s
+instructions, the word is the instruction's keyword and its region the edit's; an 8-channel UNet also gets the
+input picture as conditioning, a 4-channel one sees it only noised, which is what the InstructPix2Pix stage starts
+from. ``--context caption``: the same keyword read in the example's input caption. Each table row is a timestep; the masks are FoI's own (``--gamma``, ``--tau``: the model folder's ``foi_config.json`` by default),
 and ``--sweep`` adds the IoU over a grid of both.
 
     python tools/attention_localisation.py --model models/shapes-t2i
+    python tools/attention_localisation.py --model models/shapes-t2i --context instruction --sweep
     python tools/attention_localisation.py --model models/shapes-ip2p --limit 200 --sweep
 """
 
@@ -82,11 +84,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--mask-downsample", type=int, default=None, help="default: the model's foi_config.json")
     parser.add_argument("--sweep", action="store_true", help=f"also IoU over gamma {SWEEP_GAMMAS} x tau {SWEEP_TAUS}")
     parser.add_argument(
-        "--context", choices=("instruction", "caption"), default="instruction",
-        help="IP2P: the keyword read in the instruction (as FoI reads it) or in the input caption",
-    )  # fmt: skip
-    parser.add_argument("--dataset", default="shapes_edit", help="IP2P: TFDS name (and config)")
-    parser.add_argument("--data-dir", default=None, help="IP2P: TFDS data_dir (default TFDS's)")
+        "--context",
+        choices=("scene", "instruction", "caption"),
+        default=None,
+        help="held-out captioned scenes, or test_single's keywords read in the instruction (as FoI reads them) or "
+        "in the input caption (default: scene for a text-to-image folder, instruction for an InstructPix2Pix one)",
+    )
+    parser.add_argument(
+        "--dataset", default="shapes_edit", help="--context instruction or caption: TFDS name (and config)"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="--context instruction or caption: TFDS data_dir (default TFDS's)"
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -102,9 +111,13 @@ def main(argv=None) -> dict:
     gamma = foi.gamma if args.gamma is None else args.gamma
     tau = (foi.tau if isinstance(foi.tau, float | int) else sum(foi.tau) / 2) if args.tau is None else args.tau
     ip2p = pipe.unet.config.in_channels == 8
-    if ip2p:
+    context_kind = args.context or ("instruction" if ip2p else "scene")
+    if context_kind == "scene" and ip2p:
+        parser.error("--context scene needs a text-to-image folder (a 4-channel UNet)")
+    edits = context_kind != "scene"  # words are per example (B,) rather than per word slot (B, G)
+    if edits:
         images, prompts, weights, regions, valid, kinds = instruction_prompts(
-            pipe, args.limit, args.dataset, args.data_dir, args.context
+            pipe, args.limit, args.dataset, args.data_dir, context_kind
         )
     else:
         images, prompts, weights, regions, valid, kinds = caption_prompts(pipe, args.limit)
@@ -120,14 +133,14 @@ def main(argv=None) -> dict:
             apply, pipe.params["unet"], latents, noise, t, a, context, size, image_latents if ip2p else None
         )
     )
-    what = f"keywords in their {args.context}s" if ip2p else "caption words"
+    what = f"keywords in their {context_kind}s" if edits else "caption words"
     print(f"{args.model}: {len(prompts)} {what}, maps of {size[0]}x{size[1]}, FoI masks at gamma {gamma}, tau {tau}")
     groups = {kind: kinds == kind for kind in dict.fromkeys(kinds)}  # (G,) word slots, or (B,) examples for IP2P
     results, sweeps = {}, {}
 
     def by_kind(values: np.ndarray) -> dict[str, float]:
         """Per-word figures ``(B, G)`` averaged within each kind of word, and over every word (``"all"``)."""
-        kinds_of = {kind: values[chosen] if ip2p else values[:, chosen] for kind, chosen in groups.items()}
+        kinds_of = {kind: values[chosen] if edits else values[:, chosen] for kind, chosen in groups.items()}
         return {**{kind: float(np.nanmean(v)) for kind, v in kinds_of.items()}, "all": float(np.nanmean(values))}
 
     for t in [int(t) for t in args.timesteps.split(",")]:

@@ -9,6 +9,13 @@ global batch. The ``eval`` stream never meets the ``train`` stream's seeds: its 
 
 Each element carries, for the grounding objective, up to ``GROUNDED = 5`` words with their regions: each
 object's shape word with the object's mask, and the word ``background`` with every pixel outside the objects.
+
+Captions come in two styles. ``"full"``: one template naming every object and the background ("a red circle and a
+blue square on a gray background"). ``"varied"``: a quarter of the captions full, the rest name a random subset of
+the scene in clauses of varied grammar that use the instructions' words truthfully ("the circle", "make the square
+blue" of a blue square, "turn the circle into a circle", "the gray background"), so that a shape word meets the
+contexts an instruction puts it in: no colour before it, a verb before it, and no other object named beside it.
+Only ``remove`` has no truthful clause and is left out. A word not mentioned is not grounded.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from ip2p_jax.data import shapes
 
 STREAM_SEEDS = {"train": 3, "eval": 4}  # apart from shapes_edit's split seeds (0, 1, 2)
 GROUNDED = len(shapes.SHAPES) + 1  # the shape word of each object (at most one per shape) and "background"
+CAPTION_STYLES = ("full", "varied")
+VARIED_FULL_SHARE = 0.25  # of "varied" captions, the share that keep the full template
+VARIED_MENTION_PROBABILITY = 0.6  # each object's (and the background's) chance to be named in a varied caption
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,15 +52,71 @@ class CaptionedScene:
     word_masks: np.ndarray
 
 
-def captioned_scene(scene: shapes.Scene, order) -> CaptionedScene:
-    """``scene`` with its caption (objects in ``order``) and grounded words."""
-    described = shapes.caption(scene, order)
+def _object_clause(obj: shapes.ShapeObject, form: int) -> tuple[str, int]:
+    """One clause naming ``obj`` in varied grammar, and the start of its shape word in the clause."""
+    shape, colour = obj.shape, obj.colour
+    clause = (
+        shapes.with_article(f"{colour} {shape}"),
+        f"the {colour} {shape}",
+        f"the {shape}",
+        shapes.with_article(shape),
+        f"make the {shape} {colour}",  # an imperative its picture obeys
+        f"turn the {shape} into {shapes.with_article(shape)}",
+    )[form]
+    return clause, len("make the ") if form >= 4 else len(clause) - len(shape)  # the verbs are 4 letters
+
+
+def _background_clause(scene: shapes.Scene, form: int) -> str:
+    """One clause naming the background; the word ``background`` ends it."""
+    colour = f"{scene.background}{' striped' if scene.textured else ''}"
+    return (
+        shapes.with_article(f"{colour} background"),
+        f"the {colour} background",
+        "the background",
+        f"make the background {scene.background}",
+    )[form]
+
+
+def varied_caption(scene: shapes.Scene, rng: np.random.Generator) -> shapes.Caption:
+    """A ``"varied"`` caption of ``scene`` (module docstring); objects not named have ``None`` spans, as has the
+    background when it is not named."""
+    if rng.random() < VARIED_FULL_SHARE:
+        return shapes.caption(scene, [int(i) for i in rng.permutation(len(scene.objects))])
+    named = [i for i in range(len(scene.objects)) if rng.random() < VARIED_MENTION_PROBABILITY]
+    with_background = rng.random() < VARIED_MENTION_PROBABILITY
+    if not named and not with_background:
+        named = [int(rng.integers(len(scene.objects)))] if scene.objects else []
+        with_background = not scene.objects
+    mentions = [*named, *(["background"] if with_background else [])]
+    mentions = [mentions[i] for i in rng.permutation(len(mentions))]
+    text, spans, background_span = "", [None] * len(scene.objects), None
+    for position, mention in enumerate(mentions):
+        if position:
+            text += " and " if position == len(mentions) - 1 else ", "
+        if mention == "background":
+            clause = _background_clause(scene, int(rng.integers(4)))
+            start = clause.index("background")
+            background_span = (len(text) + start, len(text) + start + len("background"))
+        else:
+            obj = scene.objects[mention]
+            clause, start = _object_clause(obj, int(rng.integers(6)))
+            spans[mention] = (len(text) + start, len(text) + start + len(obj.shape))
+        text += clause
+    return shapes.Caption(text, tuple(spans), background_span)
+
+
+def captioned_scene(scene: shapes.Scene, order=None, described: shapes.Caption | None = None) -> CaptionedScene:
+    """``scene`` with its caption (``described``, or the full one with objects in ``order``) and grounded words;
+    a word the caption does not name (a ``None`` span) is padding."""
+    described = shapes.caption(scene, order) if described is None else described
     spans = np.full((GROUNDED, 2), -1, np.int32)
     masks = np.zeros((GROUNDED, shapes.SIZE, shapes.SIZE), bool)
     object_masks = scene.object_masks()
     for index, span in enumerate(described.shape_spans):
-        spans[index], masks[index] = span, object_masks[index]
-    spans[-1], masks[-1] = described.background_span, ~object_masks.any(axis=0)
+        if span is not None:
+            spans[index], masks[index] = span, object_masks[index]
+    if described.background_span is not None:
+        spans[-1], masks[-1] = described.background_span, ~object_masks.any(axis=0)
     return CaptionedScene(scene.render(), described.text, spans, masks)
 
 
@@ -62,9 +128,16 @@ def draw_scene(seed: int, stream: str, index: int) -> tuple[shapes.Scene, list[i
     return scene, [int(i) for i in rng.permutation(len(scene.objects))]
 
 
-def draw(seed: int, stream: str, index: int) -> CaptionedScene:
-    """Element ``index`` of ``stream``: ``draw_scene``'s scene with its caption and grounded words."""
-    return captioned_scene(*draw_scene(seed, stream, index))
+def draw(seed: int, stream: str, index: int, style: str = "full") -> CaptionedScene:
+    """Element ``index`` of ``stream``: ``draw_scene``'s scene with its caption in ``style`` (``CAPTION_STYLES``)
+    and grounded words. Both styles draw the same scenes; the varied caption has its own random draws."""
+    if style not in CAPTION_STYLES:
+        raise ValueError(f"unknown caption style {style!r}; expected one of {CAPTION_STYLES}")
+    scene, order = draw_scene(seed, stream, index)
+    if style == "full":
+        return captioned_scene(scene, order)
+    rng = np.random.default_rng([seed, STREAM_SEEDS[stream], index, 1])
+    return captioned_scene(scene, described=varied_caption(scene, rng))
 
 
 def batch(elements: list[CaptionedScene]) -> dict[str, np.ndarray]:
@@ -86,6 +159,7 @@ def batches(
     position: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    style: str = "full",
 ) -> Iterator[dict[str, np.ndarray]]:
     """This host's rows of each global batch of ``batch_size`` elements, from batch ``position`` on, forever.
 
@@ -97,4 +171,4 @@ def batches(
     rows = batch_size // process_count
     for step in itertools.count(position):
         first = step * batch_size + process_index * rows
-        yield batch([draw(seed, stream, first + i) for i in range(rows)])
+        yield batch([draw(seed, stream, first + i, style) for i in range(rows)])

@@ -164,7 +164,12 @@ def batches_from_config(config, builder, micro_batch: int, position: int) -> Ite
         from ip2p_jax.data import captioned_scenes
 
         yield from captioned_scenes.batches(
-            config.seed, micro_batch, position=position, process_index=index, process_count=count
+            config.seed,
+            micro_batch,
+            position=position,
+            process_index=index,
+            process_count=count,
+            style=config.get("caption_style", "full"),  # configs before varied captions have no such key
         )
     if builder is None:
         for step in itertools.count(position):

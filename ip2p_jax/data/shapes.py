@@ -166,16 +166,16 @@ class Caption:
     Attributes:
       text: e.g. ``"a red circle, a green square and an orange triangle on a white striped background"``.
       shape_spans: per object of the scene (scene order, not caption order), the character span ``[start, end)``
-        of its shape word.
-      background_span: the character span of the word ``background``.
+        of its shape word; ``None`` for an object a varied caption (``captioned_scenes.py``) does not name.
+      background_span: the character span of the word ``background`` (``None`` where it is not named).
     """
 
     text: str
-    shape_spans: tuple[tuple[int, int], ...]
-    background_span: tuple[int, int]
+    shape_spans: tuple[tuple[int, int] | None, ...]
+    background_span: tuple[int, int] | None
 
 
-def _with_article(words: str) -> str:
+def with_article(words: str) -> str:
     return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
@@ -191,9 +191,9 @@ def caption(scene: Scene, order: Sequence[int] | None = None) -> Caption:
         if position:
             text += " and " if position == len(scene.objects) - 1 else ", "
         obj = scene.objects[index]
-        text += _with_article(f"{obj.colour} {obj.shape}")
+        text += with_article(f"{obj.colour} {obj.shape}")
         spans[index] = (len(text) - len(obj.shape), len(text))
-    background = _with_article(f"{scene.background}{' striped' if scene.textured else ''} background")
+    background = with_article(f"{scene.background}{' striped' if scene.textured else ''} background")
     text += f" on {background}" if scene.objects else background
     span = (len(text) - len("background"), len(text))
     return Caption(text, tuple(spans[i] for i in range(len(scene.objects))), span)

@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from ip2p_jax.sampling import FOI_CONFIG
 from ip2p_jax.weights.files import resolve_folder
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -230,7 +231,8 @@ def export_ip2p(
     """Writes an InstructPix2Pix pipeline folder (a Stable Diffusion one for a 4-channel, text-to-image UNet): the
     UNet from ``unet_params`` with ``source``'s UNet config, and ``source``'s VAE, text encoder and tokenizer copied
     unchanged (they are frozen in training); ``source`` is the diffusers folder or hub id training started from.
-    Refuses a non-empty ``out``.
+    A local ``source``'s ``foi_config.json`` (FoI settings chosen for its architecture) is carried over, so that
+    FoI and the localisation tool read the same mask size from the fine-tuned folder. Refuses a non-empty ``out``.
     """
     out = Path(out)
     _refuse_non_empty(out)
@@ -244,4 +246,6 @@ def export_ip2p(
         shutil.copytree(folder, out / component, ignore=shutil.ignore_patterns("*.bin", "*.fp16.*", "*.ckpt"))
     write_scheduler(out / "scheduler", scheduler_config)
     write_model_index(out, "ip2p" if unet_config["in_channels"] == 8 else "sd")
+    if (Path(source) / FOI_CONFIG).is_file():
+        shutil.copy(Path(source) / FOI_CONFIG, out / FOI_CONFIG)
     return out
