@@ -540,5 +540,14 @@ def main(argv) -> None:
         print(f"done: step {total}, last loss {loss:.6f}, checkpoints in {workdir / 'checkpoints'}", file=sys.stderr)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with an override of a setting the config does not have (``--config.lr=...``) reported in one
+    line rather than as ml_collections' traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:  # ml_collections' "no such field", raised while parsing
+        sys.exit(f"train.py: the config has no setting {str(error).strip(chr(34))} (an unknown --config.* override)")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

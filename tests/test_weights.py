@@ -143,12 +143,21 @@ HUB_SCRIPT = textwrap.dedent(
         load_text_encoder("tiny-org/not-cached")
     except CheckpointError as error:
         print("uncached:", error)
+    # The whole pipeline by repo id edits as the same folder given by path.
+    import numpy as np
+    from ip2p_jax.pipeline import InstructPix2PixPipeline
+    picture = np.random.RandomState(0).randint(0, 256, (32, 32, 3), dtype=np.uint8)
+    settings = dict(num_inference_steps=2, output_type="np", progress=False)
+    by_id = InstructPix2PixPipeline.from_pretrained("tiny-org/tiny-ip2p")(picture, "make it red", **settings)
+    by_path = InstructPix2PixPipeline.from_pretrained(sys.argv[1])(picture, "make it red", **settings)
+    print("pipeline:", by_id.images.shape, float(np.abs(by_id.images - by_path.images).max()))
     """
 )
 
 
 def test_hub_repo_id_through_the_offline_cache(tmp_path, pipeline_dir):
-    """A repo id resolves through huggingface_hub's cache under HF_HOME with HF_HUB_OFFLINE=1 (no network)."""
+    """A repo id resolves through huggingface_hub's cache under HF_HOME with HF_HUB_OFFLINE=1 (no network): each
+    part, and the whole pipeline, which edits as the folder it was copied from."""
     revision = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-ip2p"
     (repo / "refs").mkdir(parents=True)
@@ -156,9 +165,11 @@ def test_hub_repo_id_through_the_offline_cache(tmp_path, pipeline_dir):
     shutil.copytree(pipeline_dir, repo / "snapshots" / revision)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
     env.pop("HF_HUB_CACHE", None)
-    result = subprocess.run([sys.executable, "-c", HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", HUB_SCRIPT, str(pipeline_dir)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "cached: CLIPTextModel" in result.stdout
     assert "uncached: tiny-org/not-cached (revision main) is not in the Hugging Face cache and HF_HUB_OFFLINE" in (
         result.stdout
     )
+    assert "pipeline: (1, 32, 32, 3) 0.0" in result.stdout, result.stdout
