@@ -1,8 +1,10 @@
 """The ShapesEdit InstructPix2Pix model (``models/shapes-ip2p``), the last stage of the miniature lineage
-(docs/shapes.md): the text-to-image model of ``configs/shapes_t2i.py`` fine-tuned on ShapesEdit's edit pairs exactly
-as the paper fine-tunes Stable Diffusion: its UNet expanded from 4 to 8 input channels (the new channels' weights
-zero, the bias kept), the VAE and the CLIP text encoder frozen, the reference's 5 % conditioning dropouts. No
-grounding objective here: whatever localisation the model keeps, it keeps from pretraining.
+(docs/shapes.md): the text-to-image model of ``configs/shapes_t2i.py`` (continued on varied captions, stage 2b)
+fine-tuned on ShapesEdit's edit pairs exactly as the paper fine-tunes Stable Diffusion: its UNet expanded from 4
+to 8 input channels (the new channels' weights zero, the bias kept), the VAE and the CLIP text encoder frozen, the
+reference's 5 % conditioning dropouts. No grounding objective here: whatever localisation the model keeps, it keeps
+from pretraining. The shipped folder's ``foi_config.json`` (gamma 1, tau 0.1) was written after the export, from
+``tools/attention_localisation.py --sweep``.
 
     python train.py --config configs/shapes_ip2p.py --workdir runs/shapes-ip2p
     python export.py --workdir runs/shapes-ip2p --out models/shapes-ip2p
@@ -27,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.shuffle_buffer = 2000
     config.global_batch_size = 32
     config.accumulation = 1
-    config.steps = 1500  # 61 min here (about 2.4 s a step, docs/shapes.md)
+    config.steps = 3000  # 65 min here (about 1.3 s a step alone, docs/shapes.md stage 3b)
     config.learning_rate = 2e-4
     config.weight_decay = 1e-2
     config.max_grad_norm = 1.0
