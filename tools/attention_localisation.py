@@ -6,7 +6,8 @@ prompts are full captions of held-out scenes of the captioned-scene stream and t
 word and ``background``. ``--context instruction`` (an InstructPix2Pix folder's default): ``test_single``'s
 instructions, the word is the instruction's keyword and its region the edit's; an 8-channel UNet also gets the
 input picture as conditioning, a 4-channel one sees it only noised, which is what the InstructPix2Pix stage starts
-from. ``--context caption``: the same keyword read in the example's input caption. Each table row is a timestep; the masks are FoI's own (``--gamma``, ``--tau``: the model folder's ``foi_config.json`` by default),
+from. ``--context caption``: the same keyword read in the example's input caption. Each table row is a
+timestep; the masks are FoI's own (``--gamma``, ``--tau``: the model folder's ``foi_config.json`` by default),
 and ``--sweep`` adds the IoU over a grid of both.
 
     python tools/attention_localisation.py --model models/shapes-t2i
