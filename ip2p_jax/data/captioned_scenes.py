@@ -67,7 +67,7 @@ def _object_clause(obj: shapes.ShapeObject, form: int) -> tuple[str, int]:
 
 
 def _background_clause(scene: shapes.Scene, form: int) -> str:
-    """One clause naming the background; the word ``background`` ends it."""
+    """One clause naming the background (the word ``background`` ends it, but for the imperative)."""
     colour = f"{scene.background}{' striped' if scene.textured else ''}"
     return (
         shapes.with_article(f"{colour} background"),
