@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_grad_norm = 1.0
     config.ema_decay = 0.9999
     config.conditioning_dropout = 0.05
+    config.prediction_type = ""  # "" = the model's own (its scheduler config), or "epsilon" / "v_prediction"
+    config.rescale_betas_zero_snr = False  # True: zero terminal SNR (Lin et al. 2024); exports trailing spacing
+    config.snr_gamma = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in the paper); 0 = off
+    config.noise_offset = 0.0  # offset noise scale (e.g. 0.05); 0 = off
     config.fsdp = 1
     config.seed = 0
     config.log_every = 50

@@ -169,3 +169,39 @@ def test_attention_localisation_reads_the_keyword_in_either_context(small_data):
                 picked,
             )
             assert ("make" in prompt or "turn" in prompt or "remove" in prompt) == (context == "instruction")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_denoising_error_turns_an_exact_prediction_into_the_clean_latents(prediction_type):
+    """A UNet that outputs the exact noise (or velocity) gives back the clean latents, also at a zero-terminal-SNR
+    schedule's last step (v only: epsilon carries no picture there); a wrong output does not."""
+    import jax
+    import jax.numpy as jnp
+
+    tool = _tool("denoising_error")
+    latents, noise = jax.random.normal(jax.random.key(0), (2, 2, 4, 4, 4))
+    image_latents = jnp.zeros_like(latents)
+    for alpha_cumprod in (0.9, 0.01) + ((0.0,) if prediction_type == "v_prediction" else ()):
+        alpha_t, sigma_t = jnp.sqrt(alpha_cumprod), jnp.sqrt(1.0 - alpha_cumprod)
+        exact = noise if prediction_type == "epsilon" else alpha_t * noise - sigma_t * latents
+
+        def unet(params, sample, timesteps, context, control, output=exact):
+            assert sample.shape == (2, 4, 4, 8) and control is None
+            return output + params, {}
+
+        args = (latents, noise, jnp.int32(999), jnp.float32(alpha_cumprod), None, image_latents, prediction_type)
+        np.testing.assert_allclose(tool.one_step_x0(unet, 0.0, *args), latents, atol=1e-5)
+        assert np.abs(tool.one_step_x0(unet, 0.1, *args) - latents).max() > 1e-2
+
+
+def test_denoising_error_tool(small_data, tmp_path):
+    """docs/shapes.md's one-step denoising figures: the tool runs on the shipped model; the unedited input has no
+    error outside the edit's region and the autoencoder's floor is below every timestep's error."""
+    tool = _tool("denoising_error")
+    argv = ["--dataset", "shapes_edit/small", "--data-dir", small_data, "--limit", "3", "--timesteps", "100,999"]
+    results = tool.main([*argv, "--json", str(tmp_path / "figures.json")])
+    assert results["input"]["outside"] == 0.0 and results["input"]["inside"] > 20.0
+    assert all(results["autoencoder"]["all"] < results[t]["all"] for t in (100, 999))
+    assert set(json.loads((tmp_path / "figures.json").read_text())) == {"autoencoder", "input", "100", "999"}
+    with pytest.raises(SystemExit):
+        tool.main([*argv, "--model", str(ROOT / "models" / "shapes-t2i")])
