@@ -8,6 +8,13 @@ from pretraining. The shipped folder's ``foi_config.json`` (gamma 1, tau 0.1) wa
 
     python train.py --config configs/shapes_ip2p.py --workdir runs/shapes-ip2p
     python export.py --workdir runs/shapes-ip2p --out models/shapes-ip2p
+
+That is stage 3b. The shipped folder (stage 3c) continues it for 2,500 steps with v-prediction and zero terminal
+SNR, the objective that fixed its weak high-noise denoising (docs/shapes.md):
+
+    python train.py --config configs/shapes_ip2p.py --config.model=models/shapes-ip2p --config.init_from=ip2p \
+        --config.prediction_type=v_prediction --config.rescale_betas_zero_snr=True --config.steps=2500 \
+        --workdir runs/ip2p-cont-vz
 """
 
 import ml_collections
