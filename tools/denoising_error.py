@@ -113,12 +113,9 @@ def main(argv=None) -> dict:
         x0 = denoise(noise, jnp.int32(t), jnp.float32(alphas_cumprod[t]))
         results[t] = region_errors(pipe.decode_latents(x0), targets, regions)
     print("| from | all | inside the region | outside |\n| --- | --- | --- | --- |")
+    floors = {"autoencoder": "the target, encoded and decoded", "input": "the input picture, unedited"}
     for row, errors in results.items():
-        name = (
-            f"t = {row}"
-            if isinstance(row, int)
-            else {"autoencoder": "the target, encoded and decoded"}.get(row, "the input picture, unedited")
-        )
+        name = floors.get(row, f"t = {row}")
         print(f"| {name} | {errors['all']:.2f} | {errors['inside']:.2f} | {errors['outside']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2) + "\n")
