@@ -2,7 +2,6 @@
 CLIP (``"clip"``) or a text-to-image model (``"text_to_image"``).
 
     python train.py --config configs/tiny.py --workdir /tmp/run            # a minute on a CPU
-    python train.py --config configs/tiny.py --workdir /tmp/run --resume   # continue from the last checkpoint
     python train.py --config configs/ip2p_sd15.py --config.model=DIR --workdir RUN
     python train.py --config configs/shapes_vae.py --workdir RUN           # an autoencoder from scratch
 
@@ -10,6 +9,10 @@ Writes orbax checkpoints (``WORKDIR/checkpoints``) and TensorBoard events (``WOR
 progress bar with loss, steps/s and images/s. Stops with a message naming the step if the loss is not finite.
 Several processes (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) each read their share
 of every batch; process 0 alone logs and writes. ``export.py`` turns a run into a diffusers folder.
+
+Preemption, as TPU pods have it: a work folder that holds a checkpoint is continued from its latest one, so the same
+command relaunched carries on (``--resume`` insists on a checkpoint, ``--noresume`` refuses to run over one). On
+SIGTERM every process saves a checkpoint at the next step boundary, together, and exits with status 0.
 """
 
 from __future__ import annotations
@@ -28,7 +31,12 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and logs go", required=True)
-_RESUME = flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --workdir")
+_RESUME = flags.DEFINE_bool(
+    "resume",
+    None,
+    "unset: continue from the latest checkpoint in --workdir if there is one; true: there must be one; false: there "
+    "must be none (a fresh run)",
+)
 
 
 def model_source(config, workdir: Path, main_process: bool) -> str:
@@ -430,6 +438,7 @@ def main(argv) -> None:
     from ip2p_jax import parallel
     from ip2p_jax.data import input_pipeline
     from ip2p_jax.training import checkpoint
+    from ip2p_jax.training.preemption import PreemptionWatch
     from ip2p_jax.training.state import create_train_state
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save phase at INFO
@@ -463,14 +472,16 @@ def main(argv) -> None:
     frozen = jax.device_put(task.frozen, replicated)
 
     manager = checkpoint.checkpoint_manager(workdir / "checkpoints", keep=config.keep_checkpoints)
-    if _RESUME.value:
+    latest = manager.latest_step()
+    if latest is None and _RESUME.value:
+        sys.exit(f"train.py: --resume but no checkpoint in {workdir / 'checkpoints'}")
+    if latest is not None and _RESUME.value is False:
+        sys.exit(f"train.py: --noresume but {workdir / 'checkpoints'} holds step {latest}; choose another --workdir")
+    if latest is not None:
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
         )
-        restored = checkpoint.restore_latest(manager, abstract)
-        if restored is None:
-            sys.exit(f"train.py: --resume but no checkpoint in {workdir / 'checkpoints'}")
-        state, meta = restored
+        state, meta = checkpoint.restore_latest(manager, abstract)
         if main_process:
             print(f"resumed at step {int(state.step)} (data position {meta['data_position']})", file=sys.stderr)
 
@@ -488,6 +499,7 @@ def main(argv) -> None:
 
         writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
     start_step = int(jax.device_get(state.step))
+    preemption = PreemptionWatch()  # before the progress bar: a notice from then on is caught
     total = config.steps * config.accumulation
     bar = tqdm(total=total, initial=start_step, desc=f"training ({config.task})", disable=not main_process)
     started, images = time.perf_counter(), 0
@@ -532,8 +544,16 @@ def main(argv) -> None:
                     for name, value in measured.items():
                         tf.summary.scalar(f"eval/{name}", value)
         bar.update(1)
-        if (step + 1) % config.save_every == 0 or step + 1 == total:
-            checkpoint.save(manager, state, {"data_position": step + 1, "config": config.to_dict()})
+        preempted = preemption.reached(step + 1)
+        if preempted or (step + 1) % config.save_every == 0 or step + 1 == total:
+            checkpoint.save(manager, state, {"data_position": step + 1, "config": config.to_dict()}, force=preempted)
+        if preempted:
+            manager.wait_until_finished()
+            bar.close()
+            if main_process:
+                print(f"preempted: saved step {step + 1} of {total}; the same command continues", file=sys.stderr)
+            return
+    preemption.close()
     manager.wait_until_finished()
     bar.close()
     if main_process:

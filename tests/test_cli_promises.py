@@ -1,10 +1,12 @@
 """What README promises of the command-line programs, run as a user runs them: a run stopped and resumed by
-``train.py --resume`` ends where a straight run ends, only ``keep_checkpoints`` checkpoints stay, ``export.py
---weights params`` exports the raw weights, a non-finite loss stops the run naming its step, and an unknown config
-override is an error. (The whole pipeline from a hub repo id is in ``test_weights.py``.)"""
+``train.py --resume``, and a run preempted by SIGTERM and relaunched, end where a straight run ends, only
+``keep_checkpoints`` checkpoints stay, ``export.py --weights params`` exports the raw weights, a non-finite loss
+stops the run naming its step, and an unknown config override is an error. (The whole pipeline from a hub repo id
+is in ``test_weights.py``.)"""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,21 +36,49 @@ def _unet(run: Path, out: Path, weights: str) -> dict[str, np.ndarray]:
     return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+def _preempted(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """A run sent SIGTERM (a preemption notice) as soon as its progress bar shows, before its first step ends."""
+    command = [sys.executable, "train.py", *TINY, "--workdir", str(workdir), *overrides]
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "training (ip2p)" not in seen:
+        character = process.stderr.read(1)
+        assert character, f"train.py ended before training: {seen[-3000:]}"
+        seen += character
+    process.send_signal(signal.SIGTERM)
+    rest = process.communicate(timeout=900)[1]
+    return subprocess.CompletedProcess(command, process.returncode, "", seen + rest)
+
+
 @pytest.mark.slow
-def test_a_stopped_run_resumed_by_the_cli_ends_as_a_straight_run(tmp_path):
-    """Four steps straight, against two steps (the run stopped after its step-2 checkpoint) and ``--resume`` for the
-    last two: the same raw and EMA weights. The straight run saves every step and keeps two checkpoints."""
+def test_stopped_and_preempted_runs_continued_by_the_cli_end_as_a_straight_run(tmp_path):
+    """Four steps straight, against (a) two steps (the run stopped after its step-2 checkpoint) and ``--resume`` for
+    the last two, and (b) a run sent SIGTERM during its first step, which saves at the next step boundary and exits
+    0, then the same command relaunched with no flag: the same raw and EMA weights. The straight run saves every
+    step and keeps two checkpoints; ``--noresume`` refuses a work folder with a checkpoint."""
+    four = ("--config.steps=4", "--config.save_every=2")
     _train(tmp_path / "straight", "--config.steps=4", "--config.save_every=1", "--config.keep_checkpoints=2")
     assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "4"]
     _train(tmp_path / "stopped", "--config.steps=2", "--config.save_every=2")
-    resumed = _train(tmp_path / "stopped", "--config.steps=4", "--config.save_every=2", "--resume")
+    resumed = _train(tmp_path / "stopped", *four, "--resume")
     assert "resumed at step 2 (data position 2)" in resumed.stderr and "done: step 4" in resumed.stderr
+
+    preempted = _preempted(tmp_path / "preempted", *four)
+    assert preempted.returncode == 0, preempted.stderr[-3000:]
+    assert "preempted: saved step 1 of 4" in preempted.stderr and "done:" not in preempted.stderr
+    assert sorted(p.name for p in (tmp_path / "preempted" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    relaunched = _train(tmp_path / "preempted", *four)
+    assert "resumed at step 1 (data position 1)" in relaunched.stderr and "done: step 4" in relaunched.stderr
+    refused = _run(["train.py", *TINY, "--workdir", tmp_path / "preempted", *four, "--noresume"])
+    assert refused.returncode != 0 and "--noresume but" in refused.stderr and "holds step 4" in refused.stderr
+
     for weights in ("params", "ema"):
         straight = _unet(tmp_path / "straight", tmp_path / f"straight-{weights}", weights)
-        again = _unet(tmp_path / "stopped", tmp_path / f"resumed-{weights}", weights)
-        assert straight.keys() == again.keys()
-        for name, value in straight.items():
-            np.testing.assert_allclose(again[name], value, rtol=1e-6, atol=1e-7, err_msg=f"{weights} {name}")
+        for run in ("stopped", "preempted"):
+            again = _unet(tmp_path / run, tmp_path / f"{run}-{weights}", weights)
+            assert straight.keys() == again.keys()
+            for name, value in straight.items():
+                np.testing.assert_allclose(again[name], value, rtol=1e-6, atol=1e-7, err_msg=f"{run} {weights} {name}")
     # The raw weights are not the EMA's (four steps of warm-up EMA lag behind them), so --weights chose.
     params, ema = (
         load_file(tmp_path / f"straight-{w}" / "unet" / "diffusion_pytorch_model.safetensors")
