@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ip2p_jax import compilation_cache
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "models" / "shapes-ip2p"
 METHODS = ("ip2p", "ip2p_strength_0.8", "foi", "foi_no_modulation", "foi_no_decoupled_guidance")
@@ -47,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=25, help="images per sampler call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "evaluation")
+    parser.add_argument("--compilation-cache", default=None, metavar="DIR", help=compilation_cache.HELP)
     parser.add_argument(
         "--foi",
         action="append",
@@ -203,6 +206,7 @@ def example_rows(examples: list[dict], edits: dict[str, np.ndarray], masks: list
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    compilation_cache.enable(args.compilation_cache)
     from PIL import Image
     from tqdm import tqdm
 

@@ -17,9 +17,12 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from ip2p_jax import compilation_cache
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/generate_data.py file", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "the data set folder (created; a rerun resumes it)", required=True)
 _PROGRESS = flags.DEFINE_bool("progress", True, "show progress bars")
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, compilation_cache.HELP)
 
 
 def main(argv: list[str]) -> int:
@@ -31,6 +34,7 @@ def main(argv: list[str]) -> int:
     if not config.triples:
         raise app.UsageError("no triples file: give --config.triples=FILE.jsonl")
 
+    compilation_cache.enable(_COMPILATION_CACHE.value)
     from ip2p_jax.data_generation import generate_dataset
     from ip2p_jax.parallel import maybe_initialize_distributed
 

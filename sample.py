@@ -31,6 +31,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ip2p_jax import compilation_cache
+
 MIN_SIDE = 64  # pixels; below this the UNet's lowest level has under one latent cell
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "shapes-ip2p"
 SMALL_TILE = 256  # comparison grids enlarge smaller pictures (nearest neighbour) to about this size
@@ -91,6 +93,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.add_argument("--grid", action="store_true", help="also write OUT.grid.png: input | output")
+    parser.add_argument("--compilation-cache", default=None, metavar="DIR", help=compilation_cache.HELP)
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a progress bar per edit; its per-step reports keep the samplers out of the compilation cache",
+    )
     foi = parser.add_argument_group("Focus on Your Instruction (docs/foi.md)")
     foi.add_argument(
         "--foi",
@@ -265,6 +274,7 @@ def main(argv=None) -> int:
         print("error: nothing to edit", file=sys.stderr)
         return 1
 
+    compilation_cache.enable(args.compilation_cache)
     import jax.numpy as jnp
 
     from ip2p_jax.pipeline import InstructPix2PixPipeline
@@ -315,6 +325,7 @@ def main(argv=None) -> int:
         scheduler=scheduler,
         seed=args.seed,
         guidance_rescale=args.guidance_rescale,
+        progress=args.progress,
     )
     try:  # the pipeline checks a call's settings against the model before it compiles anything
         if use_foi:

@@ -29,8 +29,11 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ip2p_jax import compilation_cache
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and logs go", required=True)
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, compilation_cache.HELP)
 _RESUME = flags.DEFINE_bool(
     "resume",
     None,
@@ -71,6 +74,18 @@ def checkpoint_models(config, model: str):
     vae, vae_params = load_vae(model, dtype=dtype)
     text, text_params = load_text_encoder(model, dtype=dtype)
     return unet, unet_params, vae, vae_params, text, text_params, load_tokenizer(model)
+
+
+def training_unet(config, unet):
+    """The UNet the train step differentiates: ``unet`` with the config's rematerialisation (``remat``: ``none``,
+    ``transformer`` or ``resnet_and_transformer``, ``ip2p_jax/models/unet.py``; older configs have none). Sampling
+    and evaluation use ``unet`` itself."""
+    from ip2p_jax.models.unet import REMAT
+
+    remat = config.get("remat", "none")
+    if remat not in REMAT:
+        raise ValueError(f"remat must be one of {sorted(REMAT)}, got {remat!r}")
+    return unet.clone(remat=remat)
 
 
 def sample_edit_grid(pipeline, ema_params, rows, steps: int):
@@ -144,7 +159,7 @@ def ip2p_task(config, workdir: Path, main_process: bool) -> Task:
     tx = optimizer(config)
     objective, betas = training_objective(config, model)  # optional settings: older configs train as before
     settings = StepSettings(
-        unet=unet,
+        unet=training_unet(config, unet),
         vae=vae,
         text_encoder=text,
         tx=tx,
@@ -342,7 +357,7 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
     objective, betas = training_objective(config, model)  # optional settings: older configs train as before
     alphas_cumprod = SchedulerConfig(**betas).alphas_cumprod()
     settings = TextToImageStepSettings(
-        unet=unet,
+        unet=training_unet(config, unet),
         vae=vae,
         text_encoder=text,
         tx=tx,
@@ -442,6 +457,7 @@ def main(argv) -> None:
     from ip2p_jax.training.state import create_train_state
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save phase at INFO
+    compilation_cache.enable(_COMPILATION_CACHE.value)
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
     if config is None:
         sys.exit("train.py: give --config configs/<name>.py")

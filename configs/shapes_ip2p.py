@@ -60,5 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_gamma = 1  # the text-to-image stage's measured best (docs/shapes.md)
     config.eval_tau = 0.2
     config.dtype = "float32"
+    config.remat = "none"  # rematerialised blocks in the train step: "transformer", "resnet_and_transformer"
     config.lock()
     return config

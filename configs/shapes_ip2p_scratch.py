@@ -62,5 +62,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample_count = 6
     config.sample_steps = 50
     config.dtype = "float32"
+    config.remat = "none"  # rematerialised blocks in the train step: "transformer", "resnet_and_transformer"
     config.lock()
     return config

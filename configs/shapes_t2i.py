@@ -64,5 +64,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_gamma = 3  # FoI's mask extraction as models/shapes-ip2p/foi_config.json sets it
     config.eval_tau = 0.5
     config.dtype = "float32"
+    config.remat = "none"  # rematerialised blocks in the train step: "transformer", "resnet_and_transformer"
     config.lock()
     return config

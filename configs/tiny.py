@@ -45,5 +45,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample_count = 4
     config.sample_steps = 20
     config.dtype = "float32"
+    config.remat = "none"  # rematerialised blocks in the train step: "transformer", "resnet_and_transformer"
     config.lock()
     return config

@@ -177,12 +177,16 @@ class InstructPix2PixPipeline:
         z, n = self._shard(np.asarray(latents_bhwc, np.float32))
         return postprocess(self._decode(self.params["vae"], z)[:n])
 
-    def sampler(self, settings: SamplerSettings):
-        """The jitted sampler for ``settings`` (compiled once per settings and input shape)."""
-        if settings not in self._samplers:
+    def sampler(self, settings: SamplerSettings, progress: bool = True):
+        """The jitted sampler for ``settings`` (compiled once per settings and input shape); with ``progress`` it
+        reports each step to the progress bar, a host callback that keeps it out of JAX's persistent compilation
+        cache (``ip2p_jax/compilation_cache.py``)."""
+        key = (settings, progress)
+        if key not in self._samplers:
             apply = lambda p, x, t, c, control: self.unet.apply({"params": p}, x, t, c, control)  # noqa: E731
-            self._samplers[settings] = make_ip2p_sampler(apply, settings, self.mesh, self._progress)
-        return self._samplers[settings]
+            report = self._progress if progress else None
+            self._samplers[key] = make_ip2p_sampler(apply, settings, self.mesh, report)
+        return self._samplers[key]
 
     # ------------------------------------------------------------------ editing
 
@@ -298,7 +302,7 @@ class InstructPix2PixPipeline:
             )
             description = f"{'FoI' if foi else 'IP2P'}: {n} image(s) of {shape[1]}x{shape[0]}"
             if tokens is None:
-                out = self._run(self.sampler(settings), settings, (inputs,), n, progress, description)
+                out = self._run(self.sampler(settings, progress), settings, (inputs,), n, progress, description)
             else:
                 foi_inputs = FoIInputs(
                     keyword_weights=jnp.stack([tokens[i].keyword_weights for i in indices]),
@@ -306,7 +310,7 @@ class InstructPix2PixPipeline:
                     token_alpha=jnp.stack([tokens[i].token_alpha for i in indices]),
                     valid=jnp.stack([tokens[i].valid for i in indices]),
                 )
-                sampler = self.foi_sampler(settings, foi, tuple(image_latents.shape[1:3]))
+                sampler = self.foi_sampler(settings, foi, tuple(image_latents.shape[1:3]), progress)
                 out, group_masks = self._run(sampler, settings, (inputs, foi_inputs), n, progress, description)
                 for i, m in zip(indices, np.asarray(group_masks), strict=True):
                     k = len(per_image[i])
@@ -320,12 +324,15 @@ class InstructPix2PixPipeline:
         same_size = len({x.shape for x in results}) == 1
         return EditOutput(np.stack(results) if same_size else results, masks_out)
 
-    def foi_sampler(self, settings: SamplerSettings, foi: FoIConfig, latent_size: tuple[int, int]):
-        """The jitted FoI sampler for these settings and latent size."""
-        key = (settings, foi, latent_size)
+    def foi_sampler(
+        self, settings: SamplerSettings, foi: FoIConfig, latent_size: tuple[int, int], progress: bool = True
+    ):
+        """The jitted FoI sampler for these settings and latent size (``progress`` as for :meth:`sampler`)."""
+        key = (settings, foi, latent_size, progress)
         if key not in self._samplers:
             apply = lambda p, x, t, c, control: self.unet.apply({"params": p}, x, t, c, control)  # noqa: E731
-            self._samplers[key] = make_foi_sampler(apply, settings, foi, self.mesh, latent_size, self._progress)
+            report = self._progress if progress else None
+            self._samplers[key] = make_foi_sampler(apply, settings, foi, self.mesh, latent_size, report)
         return self._samplers[key]
 
     def _check_foi(self, foi: FoIConfig, settings: SamplerSettings, image_sizes: list[tuple[int, int]]) -> None:

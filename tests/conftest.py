@@ -7,13 +7,19 @@ initialisation so that a parity test notices a missing bias or a norm applied wi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ip2p_jax import compilation_cache
 from ip2p_jax.vocabulary import write_clip_vocab
+
+# The programs' persistent compilation cache would write to the home folder and make a test's compile time depend
+# on the tests run before it; tests that need it name a folder of their own.
+os.environ[compilation_cache.ENVIRONMENT] = compilation_cache.OFF
 
 # Words the tiny vocabulary knows whole (others fall back to single characters).
 VOCAB_WORDS = (

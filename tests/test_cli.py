@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import sample
+from ip2p_jax import compilation_cache
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LONG = " ".join(["make the sky blue and"] * 20) + " red"  # about 100 tokens
 
@@ -182,3 +188,26 @@ def test_karras_sigmas_for_a_scheduler_without_them_is_a_clean_error(pipeline_di
     assert sample.main(argv) == 1
     assert "error: scheduler setting use_karras_sigmas=True is not implemented for ddim" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_reads_the_compilation_cache(pipeline_dir, tmp_path):
+    """sample.py twice with the same shapes and no progress bar: the first fills the cache folder, the sampler
+    included, and the second adds no entry (every program it needs was read from disk); ``off`` writes none. (A
+    progress bar's per-step host callback keeps the sampler out of the cache: JAX never writes such programs.)"""
+    image = write_image(tmp_path / "in.png", 64)
+    cache = tmp_path / "cache"
+
+    def edit(folder) -> None:
+        argv = ["--model", pipeline_dir, "--image", image, "--instruction", "make the sky blue", "--out"]
+        argv += [tmp_path / "out.png", *FAST, "--no-progress", "--compilation-cache", folder]
+        run = subprocess.run([sys.executable, ROOT / "sample.py", *map(str, argv)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+
+    edit(cache)
+    first = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_sample-") for name in first), first
+    edit(cache)
+    assert sorted(p.name for p in cache.iterdir()) == first
+    edit(compilation_cache.OFF)
+    assert not (tmp_path / compilation_cache.OFF).exists() and sorted(p.name for p in cache.iterdir()) == first

@@ -85,6 +85,33 @@ def test_loss_falls_and_metrics_are_reported(setup):
     assert int(state.step) == 40 and int(state.ema_updates) == 40
 
 
+@pytest.mark.parametrize("remat", ["transformer", "resnet_and_transformer"])
+def test_remat_keeps_the_loss_and_the_gradients(setup, remat):
+    """The UNet's rematerialisation settings recompute activations in the backward pass (the differentiated
+    program holds checkpoint regions) and change neither the loss nor the gradients (float32)."""
+    unet, params = setup["unet"], setup["params"]
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, unet.config.in_channels)), jnp.float32)
+    context = jnp.asarray(rng.normal(size=(2, 7, setup["frozen"]["null_context"].shape[-1])), jnp.float32)
+    goal = jnp.asarray(rng.normal(size=(2, 8, 8, unet.config.out_channels)), jnp.float32)
+
+    def loss_and_grads(model):
+        def loss(p):
+            eps, _ = model.apply({"params": p}, x, jnp.array([10, 900]), context)
+            return jnp.mean((eps - goal) ** 2)
+
+        grad_fn = jax.value_and_grad(loss)
+        regions = str(jax.make_jaxpr(grad_fn)(params)).count("remat2[")  # jax.checkpoint's primitive
+        return jax.jit(grad_fn)(params), regions
+
+    (plain_loss, plain_grads), plain_regions = loss_and_grads(unet)
+    (loss, grads), regions = loss_and_grads(unet.clone(remat=remat))
+    assert plain_regions == 0 and regions > 0
+    np.testing.assert_allclose(float(loss), float(plain_loss), rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
 def test_ema_follows_the_reference_decay(setup):
     assert float(ema_decay(jnp.int32(0))) == pytest.approx(0.1)
     assert float(ema_decay(jnp.int32(1))) == pytest.approx(2 / 11)

@@ -249,10 +249,12 @@ class Transformer2DModel(nn.Module):
     place: _Place
     attention_index: int
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x_bhwc, context_bkd, control):
         batch, height, width, channels = x_bhwc.shape
+        block_class = rematerialised(BasicTransformerBlock, self.remat, "transformer")
         h = group_norm(self.groups, 1e-6, self.dtype, "norm")(x_bhwc)
         h = nn.Dense(channels, dtype=self.dtype, param_dtype=jnp.float32, name="proj_in")(h)
         h = h.reshape(batch, height * width, channels)
@@ -270,12 +272,34 @@ class Transformer2DModel(nn.Module):
                 )
                 for module in ("attn2", "attn1")
             )
-            h, layer_aux = BasicTransformerBlock(
-                self.num_heads, layer, self_layer, self.dtype, name=f"transformer_blocks_{i}"
-            )(h, context_bkd, control)
+            h, layer_aux = block_class(self.num_heads, layer, self_layer, self.dtype, name=f"transformer_blocks_{i}")(
+                h, context_bkd, control
+            )
             aux.update(layer_aux)
         h = nn.Dense(channels, dtype=self.dtype, param_dtype=jnp.float32, name="proj_out")(h)
         return x_bhwc + h.reshape(batch, height, width, channels), aux
+
+
+# Rematerialisation (activation checkpointing) for training: which blocks keep nothing of their activations for
+# the backward pass and recompute them from the block's input. (A policy that keeps matmul outputs, such as
+# ``dots_with_no_batch_dims_saveable``, would keep the CPU attention's scores: its tiles are plain matmuls.)
+REMAT = {
+    "none": {},
+    "transformer": {"transformer": jax.checkpoint_policies.nothing_saveable},
+    "resnet_and_transformer": {
+        "transformer": jax.checkpoint_policies.nothing_saveable,
+        "resnet": jax.checkpoint_policies.nothing_saveable,
+    },
+}
+
+
+def rematerialised(module_class, remat: str, kind: str):
+    """``module_class``, wrapped in ``nn.remat`` with its policy when the setting ``remat`` (a key of ``REMAT``)
+    rematerialises blocks of this ``kind``."""
+    if remat not in REMAT:
+        raise ValueError(f"remat must be one of {sorted(REMAT)}, got {remat!r}")
+    policy = REMAT[remat].get(kind)
+    return module_class if policy is None else nn.remat(module_class, policy=policy)
 
 
 class _BlockSettings(nn.Module):
@@ -290,9 +314,11 @@ class _BlockSettings(nn.Module):
     eps: float
     place: _Place
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def resnet(self, index):
-        return ResnetBlock2D(self.channels, self.groups, self.eps, self.dtype, name=f"resnets_{index}")
+        resnet_class = rematerialised(ResnetBlock2D, self.remat, "resnet")
+        return resnet_class(self.channels, self.groups, self.eps, self.dtype, name=f"resnets_{index}")
 
     def attention(self, index):
         return Transformer2DModel(
@@ -302,6 +328,7 @@ class _BlockSettings(nn.Module):
             self.place,
             index,
             self.dtype,
+            self.remat,
             name=f"attentions_{index}",
         )
 
@@ -372,10 +399,12 @@ class UNet2DConditionModel(nn.Module):
     Attributes:
       config: the network's settings (``UNetConfig.from_diffusers(json)`` for a checkpoint's).
       dtype: compute dtype; parameters stay float32.
+      remat: which blocks training rematerialises (a key of ``REMAT``); the outputs do not change.
     """
 
     config: UNetConfig
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(
@@ -414,6 +443,7 @@ class UNet2DConditionModel(nn.Module):
                 eps=cfg.norm_eps,
                 place=_Place(block, block_index, index),
                 dtype=dtype,
+                remat=self.remat,
             )
 
         h = conv(cfg.block_out_channels[0], 3, dtype, "conv_in")(sample_bhwc.astype(dtype))
