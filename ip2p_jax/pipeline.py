@@ -139,11 +139,15 @@ class InstructPix2PixPipeline:
         mesh=None,
     ) -> InstructPix2PixPipeline:
         """Loads a diffusers-layout folder or hub repo id (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-        ``scheduler/``). ``dtype`` is the compute dtype; params stay float32."""
-        options = dict(revision=revision, variant=variant, dtype=dtype)
-        unet, unet_params = load_unet(path_or_repo_id, **options)
-        vae, vae_params = load_vae(path_or_repo_id, **options)
-        text_encoder, text_params = load_text_encoder(path_or_repo_id, **options)
+        ``scheduler/``). ``dtype`` is the compute dtype of the UNet and the text encoder (``jnp.bfloat16`` on
+        accelerators); params stay float32, and so do the autoencoder and the scheduler's arithmetic: the
+        autoencoder runs once per image (float32 costs little beside the UNet's steps) and its decoder is where
+        half precision overflows (diffusers upcasts SDXL's for that reason), and the sampler keeps latents, noise
+        and model outputs in float32 between steps, so that rounding does not accumulate over the schedule."""
+        options = dict(revision=revision, variant=variant)
+        unet, unet_params = load_unet(path_or_repo_id, dtype=dtype, **options)
+        vae, vae_params = load_vae(path_or_repo_id, dtype=jnp.float32, **options)
+        text_encoder, text_params = load_text_encoder(path_or_repo_id, dtype=dtype, **options)
         tokenizer = load_tokenizer(path_or_repo_id, revision=revision)
         scheduler = Scheduler.from_folder(resolve_folder(path_or_repo_id, "scheduler", revision=revision))
         params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}

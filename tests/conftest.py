@@ -225,3 +225,25 @@ def max_relative_error(ours, reference) -> float:
     ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
     assert ours.shape == reference.shape, (ours.shape, reference.shape)
     return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+
+
+def bfloat16_against_float32(model, image, instructions, steps: int) -> tuple[float, float, list[float]]:
+    """IP2P with the composite prompt and FoI with ``instructions`` in bfloat16 compute and in float32, same seed:
+    the mean absolute pixel differences of both edits (levels of 255) and the IoU between the masks per keyword."""
+    import jax.numpy as jnp
+
+    from ip2p_jax import foi
+    from ip2p_jax.pipeline import InstructPix2PixPipeline
+    from ip2p_jax.sampling import FoIConfig
+
+    settings = dict(num_inference_steps=steps, output_type="np", progress=False)
+    prompt = foi.composite_prompt([foi.SubInstruction(*i) for i in instructions])[0]
+    runs = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        pipe = InstructPix2PixPipeline.from_pretrained(model, dtype=dtype)
+        assert pipe.unet.dtype == dtype and pipe.vae.dtype == jnp.float32  # the autoencoder stays float32
+        edited = pipe(image, instructions=instructions, foi=FoIConfig.for_model(model), **settings)
+        runs.append((pipe(image, prompt, strength=0.8, **settings).images, edited.images, edited.masks[0]["latent"]))
+    (ip2p, foi_edit, masks), (ip2p_bf16, foi_bf16, masks_bf16) = runs
+    ious = [float((a & b).sum() / max((a | b).sum(), 1)) for a, b in zip(masks > 0.5, masks_bf16 > 0.5, strict=True)]
+    return 255 * float(np.abs(ip2p - ip2p_bf16).mean()), 255 * float(np.abs(foi_edit - foi_bf16).mean()), ious
