@@ -170,7 +170,7 @@ def test_the_sampler_names_the_layer_sizes_it_has(pipe):
 
 def test_the_step_bar_starts_after_compiling(pipe, image, monkeypatch):
     """Compiling is its own status line, closed before the step bar opens, so the bar's estimate counts steps
-    only; a second call with the same shapes compiles nothing."""
+    only; a second call with the same shapes and bar setting compiles nothing."""
     events = []
 
     class Bar:
@@ -196,8 +196,15 @@ def test_the_step_bar_starts_after_compiling(pipe, image, monkeypatch):
     ]
     compiled = len(pipe._compiled)
     events.clear()
+    pipe(image, "make it blue", **call)
+    assert events == [("open", description, 3, False), ("close", description, 3)] and len(pipe._compiled) == compiled
+    # Without a bar the sampler has no per-step host callback (so JAX's persistent cache can keep it): its own
+    # program, compiled once.
     pipe(image, "make it blue", progress=False, **call)
-    assert events == [("open", description, 3, True), ("close", description, 3)] and len(pipe._compiled) == compiled
+    assert len(pipe._compiled) == compiled + 1
+    events.clear()
+    pipe(image, "make it green", progress=False, **call)
+    assert events == [("open", description, 3, True), ("close", description, 0)] and len(pipe._compiled) == compiled + 1
 
 
 @pytest.mark.parametrize("outside_values", ["own", "image_only"])
