@@ -296,8 +296,6 @@ REMAT = {
 def rematerialised(module_class, remat: str, kind: str):
     """``module_class``, wrapped in ``nn.remat`` with its policy when the setting ``remat`` (a key of ``REMAT``)
     rematerialises blocks of this ``kind``."""
-    if remat not in REMAT:
-        raise ValueError(f"remat must be one of {sorted(REMAT)}, got {remat!r}")
     policy = REMAT[remat].get(kind)
     return module_class if policy is None else nn.remat(module_class, policy=policy)
 
@@ -405,6 +403,11 @@ class UNet2DConditionModel(nn.Module):
     config: UNetConfig
     dtype: Any = jnp.float32
     remat: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.remat not in REMAT:  # checked here, so that a bad setting fails where the model is made
+            raise ValueError(f"remat must be one of {sorted(REMAT)}, got {self.remat!r}")
+        super().__post_init__()
 
     @nn.compact
     def __call__(
