@@ -37,6 +37,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.batch_size = 16  # pairs per sampler call over all local devices (rounded up to a multiple of them)
     config.seed = 0  # with the triple's line number, decides every candidate's seed
     config.jpeg_quality = 100
+    config.save_candidates = False  # also write every candidate's pictures to NAME/candidates/ (to judge the filter)
     if variant == "tiny":
         # Random models built in code and the bundled example triples: runs on a laptop CPU in seconds. A random
         # CLIP's scores mean nothing, so the tiny run keeps the best candidates whatever their scores.
@@ -51,7 +52,25 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.clip_dir_threshold = -1.0
         config.clip_img_threshold = -1.0
         config.batch_size = 8
+    elif variant == "shapes":
+        # The miniature lineage (docs/shapes.md, docs/datagen.md): its text-to-image model and CLIP, 64 px, the
+        # triples of tools/shapes_triples.py. Thresholds and guidance re-derived for these models (docs/datagen.md).
+        config.triples = "runs/datagen/triples.jsonl"
+        config.model = "models/shapes-t2i"
+        config.clip = "models/shapes-clip"
+        config.resolution = 64
+        config.steps = 50
+        config.samples_per_triple = 16
+        config.cfg_min = 3.0  # 7.5-15 over-saturates this model (docs/datagen.md)
+        config.cfg_max = 7.0
+        # No thresholds at generation: every candidate is saved, and the filter is applied afterwards with
+        # thresholds derived for the small CLIP (tools/judge_generated_pairs.py; docs/datagen.md).
+        config.clip_threshold = -1.0
+        config.clip_dir_threshold = -1.0
+        config.clip_img_threshold = -1.0
+        config.batch_size = 32
+        config.save_candidates = True
     elif variant:
-        raise ValueError(f"unknown variant {variant!r} (the default, or 'tiny')")
+        raise ValueError(f"unknown variant {variant!r} (the default, 'tiny' or 'shapes')")
     config.lock()
     return config

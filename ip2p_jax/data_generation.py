@@ -18,6 +18,7 @@ set's layout, which ``ip2p_jax.data.edit_datasets``' ``ip2p_original`` builder r
     OUT/NAME/{seed}_0.jpg, {seed}_1.jpg    input and edited image (JPEG, quality 100)
     OUT/NAME/metadata.jsonl            one line per kept seed: p2p_threshold, cfg_scale, the four CLIP scores
     OUT/NAME/scores.jsonl              the same for every candidate, with "kept"
+    OUT/NAME/candidates/{seed}_0.png, {seed}_1.png   every candidate's pictures, with ``save_candidates`` only
     OUT/generation.json                the settings that decide the pictures
 
 ``NAME`` is the triple's 0-based line number, 7 digits (the reference's). ``metadata.jsonl`` is written last (an
@@ -252,6 +253,15 @@ def write_triple(out: Path, triple: Triple, candidates: Sequence[Candidate], kep
     scores = "".join(json.dumps(c.record(kept=c.seed in kept_seeds)) + "\n" for c in candidates)
     (folder / "scores.jsonl").write_text(scores)
     _atomic_write(folder / FINISHED, "".join(json.dumps(c.record()) + "\n" for c in kept))
+
+
+def write_candidate(out: Path, triple: Triple, candidate: Candidate, images: np.ndarray) -> None:
+    """Writes one candidate's two pictures ``(2, H, W, 3)`` losslessly to ``NAME/candidates/`` (to judge what
+    the filter keeps and drops)."""
+    folder = out / triple.name / "candidates"
+    folder.mkdir(parents=True, exist_ok=True)
+    for role in (0, 1):
+        Image.fromarray(images[role]).save(folder / f"{candidate.seed}_{role}.png")
 
 
 def kept_seeds(out: Path, name: str) -> list[str]:
@@ -555,6 +565,8 @@ def generate_dataset(
             images, scores = generator.run_batch(batch)
             for row, (work, candidate) in enumerate(batch):
                 candidate.scores = {name: float(scores[name][row]) for name in SCORE_NAMES}
+                if config.save_candidates:
+                    write_candidate(out, work.triple, candidate, images[row])
                 # Only the candidates that can still be kept hold on to their images: at most max_kept per triple.
                 if thresholds.passes(candidate.scores):
                     candidate.images = images[row]

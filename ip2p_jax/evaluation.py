@@ -14,6 +14,14 @@
   colour covers at least ``PRESENCE_FRACTION`` of the object's area (objects sharing a colour add up), object
   colours the caption does not name cover less than that share of its smallest object, and the most common
   background colour is the captioned one. Shapes are judged by a CLIP (``tools/text_to_image_fidelity.py``).
+* **A generated pair** (data generation on the lineage, docs/datagen.md): both pictures come from captions, so the
+  edited region is found in the generated input by colour: the pixels of the edited object's colour (a removal or
+  recolouring; judged only when no other object of the scene shares that colour) or of the captioned background
+  colour (a background edit). The object counts as present when that region covers ``PRESENCE_FRACTION`` of the
+  real object's (or background's) area; the edit is carried out when, in the generated edited picture, at least
+  ``SUCCESS_AGREEMENT`` of the region has the instructed colour (the background's for a removal). A reshape keeps
+  the colour of blobs too rough for their shape to be read from pixels, so it is not judged. The change outside
+  is measured outside the region grown by ``OUTSIDE_MARGIN`` pixels (generated edges blur).
 
 Images are ``(H, W, 3)`` uint8 or float in [0, 255]; masks are bool.
 """
@@ -22,10 +30,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ip2p_jax.data.shapes import BACKGROUND_COLOURS, OBJECT_COLOURS, PALETTE, Scene, classify_pixels
+from ip2p_jax.data.shapes import BACKGROUND_COLOURS, OBJECT_COLOURS, PALETTE, Edit, Scene, classify_pixels
 
 SUCCESS_AGREEMENT = 0.7  # fixed before any model was evaluated
 PRESENCE_FRACTION = 0.3  # fixed before any generated scene was judged
+OUTSIDE_MARGIN = 2  # pixels; fixed before any generated pair was judged
 
 
 def region_agreement(output: np.ndarray, target: np.ndarray, region: np.ndarray) -> float:
@@ -98,4 +107,51 @@ def generated_scene_colours(generated: np.ndarray, scene: Scene) -> dict[str, fl
         "all_objects": objects_found == 1.0,
         "extra_colours": extra,
         "background": bool(background),
+    }
+
+
+def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """``mask`` grown by ``pixels`` in every direction (a square neighbourhood)."""
+    height, width = mask.shape
+    padded = np.pad(mask, pixels)
+    grown = np.zeros_like(mask)
+    for dy in range(2 * pixels + 1):
+        for dx in range(2 * pixels + 1):
+            grown |= padded[dy : dy + height, dx : dx + width]
+    return grown
+
+
+def generated_pair_judgement(image_0: np.ndarray, image_1: np.ndarray, scene: Scene, edit: Edit) -> dict:
+    """Judges a generated pair (module docstring) made from the captions of ``scene`` and of ``scene`` after
+    ``edit``.
+
+    Returns:
+      ``judged``: whether the pixels can judge this edit (not a reshape, no other object of the edited one's
+      colour); and when judged: ``present`` (the region is found in the input picture), ``agreement`` (the share of
+      the region with the instructed colour in the edited picture), ``correct`` (present and agreement at least
+      ``SUCCESS_AGREEMENT``), ``outside_change`` (levels of 255 outside the grown region; ``nan`` without a region).
+    """
+    names = list(PALETTE)
+    if edit.kind == "reshape":
+        return {"judged": False}
+    if edit.kind == "background":
+        colour, target = scene.background, edit.value
+        true_area = scene.object_masks().any(axis=0).size - scene.object_masks().any(axis=0).sum()
+    else:
+        obj = scene.objects[scene.object_index(edit.shape)]
+        if sum(other.colour == obj.colour for other in scene.objects) > 1:
+            return {"judged": False}
+        colour, true_area = obj.colour, obj.mask().sum()
+        target = edit.value if edit.kind == "recolour" else scene.background
+    region = classify_pixels(image_0) == names.index(colour)
+    present = bool(region.sum() >= PRESENCE_FRACTION * true_area)
+    agreement = float(np.mean(classify_pixels(image_1[region]) == names.index(target))) if region.any() else 0.0
+    outside = grow_mask(region, OUTSIDE_MARGIN)
+    change = outside_change(image_1, image_0, outside) if (~outside).any() else float("nan")
+    return {
+        "judged": True,
+        "present": present,
+        "agreement": agreement,
+        "correct": present and agreement >= SUCCESS_AGREEMENT,
+        "outside_change": change,
     }

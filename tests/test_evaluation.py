@@ -95,3 +95,36 @@ def test_generated_scene_colours_judges_what_a_picture_contains():
     speck = image.copy()
     speck[:3, 60:] = OBJECT_COLOURS["orange"]  # 12 pixels: too few to be an object
     assert generated_scene_colours(speck, scene)["extra_colours"] == 0
+
+
+def test_generated_pair_judgement_tells_a_done_edit_from_an_undone_one():
+    """Hand-made generated pairs: objects placed elsewhere than in the scene (a generator places them freely);
+    the edit carried out, not carried out, or done on the wrong object; edits the pixels cannot judge."""
+    from ip2p_jax.data.shapes import OBJECT_COLOURS, Edit, Scene, ShapeObject, apply_edit
+    from ip2p_jax.evaluation import generated_pair_judgement
+
+    scene = Scene("gray", False, (ShapeObject("circle", "red", 16, 16, 10), ShapeObject("square", "blue", 44, 44, 9)))
+    drawn = Scene("gray", False, (ShapeObject("circle", "red", 44, 20, 10), ShapeObject("square", "blue", 18, 46, 9)))
+    for edit in (Edit("recolour", "circle", "green"), Edit("remove", "circle", ""), Edit("background", "", "white")):
+        source, done = drawn.render(), apply_edit(drawn, edit).render()
+        judged = generated_pair_judgement(source, done, scene, edit)
+        assert judged["judged"] and judged["present"] and judged["correct"], (edit, judged)
+        assert judged["agreement"] == 1.0
+        undone = generated_pair_judgement(source, source, scene, edit)
+        assert undone["present"] and not undone["correct"] and undone["agreement"] == 0.0, edit
+    recolour = Edit("recolour", "circle", "green")
+    source = drawn.render()
+    assert generated_pair_judgement(source, source, scene, recolour)["outside_change"] == 0.0
+    # The wrong object recoloured: the circle keeps its colour, and the change lands outside.
+    wrong = source.copy()
+    wrong[drawn.objects[1].mask()] = OBJECT_COLOURS["green"]
+    judged = generated_pair_judgement(source, wrong, scene, recolour)
+    assert not judged["correct"] and judged["outside_change"] > 5
+    # The input picture lacks the object: not correct, whatever the edited picture shows.
+    no_circle = Scene("gray", False, drawn.objects[1:]).render()
+    judged = generated_pair_judgement(no_circle, apply_edit(drawn, recolour).render(), scene, recolour)
+    assert not judged["present"] and not judged["correct"]
+    # Not judged: a reshape, and an object whose colour another object shares.
+    assert generated_pair_judgement(source, source, scene, Edit("reshape", "circle", "diamond")) == {"judged": False}
+    twins = Scene("gray", False, (scene.objects[0], ShapeObject("square", "red", 44, 44, 9)))
+    assert generated_pair_judgement(source, source, twins, recolour) == {"judged": False}

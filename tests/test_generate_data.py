@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -156,6 +157,7 @@ def tiny_config(models, triples: Path):
             clip_threshold=-1.0,
             clip_dir_threshold=-1.0,
             clip_img_threshold=-1.0,
+            save_candidates=True,
         )
     )
     return config
@@ -208,6 +210,13 @@ def test_generated_folder_has_the_released_layout(generated):
             for role in (0, 1):
                 with Image.open(folder / f"{seed}_{role}.jpg") as image:
                     assert image.format == "JPEG" and image.size == (16, 16) and image.mode == "RGB"
+                # save_candidates: every candidate's pictures, losslessly; a kept one is exactly its JPEG's source.
+                encoded = io.BytesIO()
+                Image.open(folder / "candidates" / f"{seed}_{role}.png").save(encoded, "JPEG", quality=100)
+                assert encoded.getvalue() == (folder / f"{seed}_{role}.jpg").read_bytes()
+        assert sorted(p.name for p in (folder / "candidates").iterdir()) == sorted(
+            f"{s['seed']}_{role}.png" for s in scores for role in (0, 1)
+        )
         for s in scores:
             assert 0.1 <= s["p2p_threshold"] <= 0.9 and 7.5 <= s["cfg_scale"] <= 15
             assert all(abs(s[k]) <= 1.0 + 1e-6 for k in SCORE_NAMES)  # cosines, in float32
@@ -328,3 +337,25 @@ def test_eight_devices_generate_what_one_does(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     print(result.stdout.strip())
+
+
+def test_shapes_triples_are_the_training_examples_captions(tmp_path):
+    """tools/shapes_triples.py: ShapesEdit training examples as triples generate_data.py reads, each naming the
+    example it came from (for judging the generated pairs)."""
+    from ip2p_jax.data.shapes_edit import ShapesEdit, draw, draw_captions
+
+    spec = importlib.util.spec_from_file_location("shapes_triples", ROOT / "tools" / "shapes_triples.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--count", "3", "--start", "5", "--out", str(tmp_path / "t.jsonl")]) == 0
+    triples, errors = read_triples(tmp_path / "t.jsonl")
+    assert len(triples) == 3 and not errors
+    config = ShapesEdit.BUILDER_CONFIGS[0]
+    for triple, line in zip(triples, (tmp_path / "t.jsonl").read_text().splitlines(), strict=True):
+        record = json.loads(line)
+        assert (record["split"], record["index"]) == ("train", 5 + triple.index)
+        example = draw(config, "train", record["index"])
+        assert (triple.input, triple.output) == draw_captions(config, "train", record["index"], example)
+        assert triple.edit == example.instruction
+    with pytest.raises(SystemExit):
+        tool.main(["--count", "2", "--start", str(config.num_train - 1), "--out", str(tmp_path / "x.jsonl")])
