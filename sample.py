@@ -92,6 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--strength", type=float, default=None, help="fraction of the schedule run, in (0, 1]; default 1, FoI 0.8"
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="the UNet's attention kernel: auto (the platform's), tiled, xla, cudnn or splash",
+    )
     parser.add_argument("--grid", action="store_true", help="also write OUT.grid.png: input | output")
     parser.add_argument("--compilation-cache", default=None, metavar="DIR", help=compilation_cache.HELP)
     parser.add_argument(
@@ -277,6 +282,14 @@ def main(argv=None) -> int:
     compilation_cache.enable(args.compilation_cache)
     import jax.numpy as jnp
 
+    from ip2p_jax.models.attention_kernels import check_backend
+
+    try:
+        check_backend(args.attention_backend)
+    except ValueError as error:
+        print(f"error: --attention-backend: {error}", file=sys.stderr)
+        return 1
+
     from ip2p_jax.pipeline import InstructPix2PixPipeline
     from ip2p_jax.schedulers import SchedulerError
     from ip2p_jax.weights import CheckpointError
@@ -287,6 +300,7 @@ def main(argv=None) -> int:
             revision=args.revision,
             variant=args.variant,
             dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+            attention_backend=args.attention_backend,
         )
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)

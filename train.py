@@ -78,9 +78,16 @@ def checkpoint_models(config, model: str):
 
 def training_unet(config, unet):
     """The UNet the train step differentiates: ``unet`` with the config's rematerialisation (``remat``: ``none``,
-    ``transformer`` or ``resnet_and_transformer``, ``ip2p_jax/models/unet.py``; older configs have none). Sampling
-    and evaluation use ``unet`` itself. An unknown setting is a ``ValueError``."""
-    return unet.clone(remat=config.get("remat", "none"))
+    ``transformer`` or ``resnet_and_transformer``, ``ip2p_jax/models/unet.py``) and attention kernel
+    (``attention_backend``, ``partitioned_backend`` of ``models/attention_kernels.py``: the step is one
+    GSPMD-partitioned jit over every device); older configs have neither. Sampling and evaluation use ``unet``
+    itself. An unknown setting is a ``ValueError``."""
+    import jax
+
+    from ip2p_jax.models.attention_kernels import partitioned_backend
+
+    backend = partitioned_backend(config.get("attention_backend", "auto"), unet.dtype, jax.device_count())
+    return unet.clone(remat=config.get("remat", "none"), attention_backend=backend)
 
 
 def sample_edit_grid(pipeline, ema_params, rows, steps: int):

@@ -1,9 +1,13 @@
 """The two CPU kernels the UNet leans on, ours beside XLA's default and PyTorch's, in one run.
 
 1. Self-attention at the UNet's token counts (SD 1.5's 8 heads of 40, guidance batch 3): 1024 tokens at 256 px,
-   4096 at 512 px. Behind ``ip2p_jax.models.attention.dot_product_attention``'s CPU dispatch.
+   4096 at 512 px. Behind ``ip2p_jax.models.attention_kernels.dot_product_attention``'s CPU dispatch.
 2. 3x3 convolutions at the UNet's levels: ``lax.conv_general_dilated``, im2col (one matmul over gathered patches)
    and ``torch.nn.functional.conv2d``. Behind ``ip2p_jax.models.resnet.IM2COL_MAX_POSITIONS``.
+
+Each row ends with our MFU (``mfu.py``) from the kernel's FLOPs counted by hand (``4 B H T^2 d`` for attention,
+``2 B side^2 9 C_in C_out`` for a convolution): the tiled attention is a loop, whose body XLA's cost analysis
+counts once.
 
     python benchmarks/cpu_kernels.py
 """
@@ -19,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mfu import utilisation  # benchmarks/ is on sys.path
 
-from ip2p_jax.models.attention import _tiled_attention
+from ip2p_jax.models.attention_kernels import tiled_attention
 from ip2p_jax.models.resnet import _im2col_conv
 
 # (spatial side, input channels, output channels) of the SD 1.5 UNet's 3x3 convolutions at 256 px and 512 px.
@@ -39,9 +44,12 @@ def median_seconds(fn, repeats: int) -> float:
 
 def attention_table(tokens_list, batch, heads, head_dim, repeats) -> None:
     print(f"\n## self-attention, batch {batch}, {heads} heads of {head_dim}, float32")
-    print("| tokens | ours, tiled (ms) | jax.nn.dot_product_attention (ms) | PyTorch SDPA (ms) | ours / PyTorch |")
-    print("|---|---|---|---|---|")
-    tiled = jax.jit(_tiled_attention)
+    print(
+        "| tokens | ours, tiled (ms) | jax.nn.dot_product_attention (ms) | PyTorch SDPA (ms) | ours / PyTorch "
+        "| our MFU |"
+    )
+    print("|---|---|---|---|---|---|")
+    tiled = jax.jit(tiled_attention)
     fused = jax.jit(jax.nn.dot_product_attention)
     for tokens in tokens_list:
         q = jnp.asarray(np.random.RandomState(0).randn(batch, tokens, heads, head_dim), jnp.float32)
@@ -50,13 +58,17 @@ def attention_table(tokens_list, batch, heads, head_dim, repeats) -> None:
         xla = median_seconds(lambda q=q: fused(q, q, q).block_until_ready(), repeats)
         with torch.inference_mode():
             reference = median_seconds(lambda qt=qt: F.scaled_dot_product_attention(qt, qt, qt), repeats)
-        print(f"| {tokens} | {ours * 1e3:.1f} | {xla * 1e3:.1f} | {reference * 1e3:.1f} | {ours / reference:.2f} |")
+        mfu = utilisation(4 * batch * heads * tokens**2 * head_dim, ours)["mfu"]
+        print(
+            f"| {tokens} | {ours * 1e3:.1f} | {xla * 1e3:.1f} | {reference * 1e3:.1f} | {ours / reference:.2f} "
+            f"| {mfu:.1%} |"
+        )
 
 
 def conv_table(batch, repeats) -> None:
     print(f"\n## 3x3 convolution, batch {batch}, float32")
-    print("| side | C_in -> C_out | lax.conv (ms) | im2col (ms) | PyTorch conv2d (ms) | ours / PyTorch |")
-    print("|---|---|---|---|---|---|")
+    print("| side | C_in -> C_out | lax.conv (ms) | im2col (ms) | PyTorch conv2d (ms) | ours / PyTorch | our MFU |")
+    print("|---|---|---|---|---|---|---|")
     padding = ((1, 1), (1, 1))
     xla = jax.jit(
         lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -73,9 +85,10 @@ def conv_table(batch, repeats) -> None:
         with torch.inference_mode():
             t_ref = median_seconds(lambda xt=xt, kt=kt: F.conv2d(xt, kt, padding=1), repeats)
         ours = t_col if side * side <= 64 else t_xla
+        mfu = utilisation(2 * batch * side * side * 9 * c_in * c_out, ours)["mfu"]
         print(
             f"| {side} | {c_in} -> {c_out} | {t_xla * 1e3:.1f} | {t_col * 1e3:.1f} | {t_ref * 1e3:.1f} "
-            f"| {ours / t_ref:.2f} |"
+            f"| {ours / t_ref:.2f} | {mfu:.1%} |"
         )
 
 

@@ -18,19 +18,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from worker import worker_result  # benchmarks/ is on sys.path
+from mfu import MFU_HEADER, MFU_RULE, edit_flops, mfu_cells, utilisation  # benchmarks/ is on sys.path
+from worker import worker_result
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sample import MODELS, images, write_model  # noqa: E402
+from sample import MODELS, device_peak_mib, images, memory_cell, write_model  # noqa: E402
 
 SUBS = [("make it snow", "snow"), ("turn the sky red", "sky")]
 
 
-def worker(method: str, folder: str, batch: int, steps: int, size: int, mask_downsample: int) -> dict:
+def worker(method: str, folder: str, batch: int, steps: int, size: int, mask_downsample: int, args) -> dict:
+    import jax.numpy as jnp
+
     from ip2p_jax.pipeline import InstructPix2PixPipeline
     from ip2p_jax.sampling import FoIConfig
 
-    pipe = InstructPix2PixPipeline.from_pretrained(folder)
+    dtype, backend = args.dtype, args.attention_backend
+    pipe = InstructPix2PixPipeline.from_pretrained(folder, dtype=jnp.dtype(dtype), attention_backend=backend)
     pictures = images(batch, size)
     common = dict(num_inference_steps=steps, output_type="np", progress=False)
     prompt = ", ".join(text for text, _ in SUBS)
@@ -47,7 +51,13 @@ def worker(method: str, folder: str, batch: int, steps: int, size: int, mask_dow
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
-    return dict(seconds=seconds, compile_s=first - seconds)
+    flops = edit_flops(pipe, batch, size, steps, strength=config.strength if method == "foi" else 0.8)
+    return dict(
+        seconds=seconds,
+        compile_s=first - seconds,
+        device_peak_mib=device_peak_mib(),
+        **utilisation(flops, seconds, dtype),
+    )
 
 
 def main() -> None:
@@ -59,13 +69,15 @@ def main() -> None:
     parser.add_argument(
         "--mask-downsample", type=int, help="default 4 (paper), 1 for tiny, whose UNet attends only at full size"
     )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--attention-backend", default="auto", help="auto, tiled, xla, cudnn or splash")
     parser.add_argument("--worker", choices=("ip2p", "foi"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mask_downsample is None:
         args.mask_downsample = 1 if args.model == "tiny" else 4
     if args.worker:
-        result = worker(args.worker, args.folder, args.batch, args.steps, args.size, args.mask_downsample)
+        result = worker(args.worker, args.folder, args.batch, args.steps, args.size, args.mask_downsample, args)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -77,15 +89,18 @@ def main() -> None:
         for method in ("ip2p", "foi"):
             command = [sys.executable, __file__, "--worker", method, "--folder", str(folder)]
             command += ["--batch", str(args.batch), "--steps", str(args.steps), "--size", str(args.size)]
-            command += ["--mask-downsample", str(args.mask_downsample)]
+            command += ["--mask-downsample", str(args.mask_downsample), "--dtype", args.dtype]
+            command += ["--attention-backend", args.attention_backend]
             results[method] = worker_result(command, method)
     ip2p, foi = results["ip2p"], results["foi"]
     title = f"{args.model} architecture (random weights), {args.size} px, batch {args.batch}, {args.steps} steps"
-    print(f"# FoI (2 sub-instructions) vs IP2P, strength 0.8, {title}, float32")
-    print("| method | s/image | compile (s) | peak RSS (MiB) |")
-    print("|---|---|---|---|")
+    print(
+        f"# FoI (2 sub-instructions) vs IP2P, strength 0.8, {title}, {args.dtype}, attention {args.attention_backend}"
+    )
+    print(f"| method | s/image | compile (s) | peak (MiB) {MFU_HEADER}")
+    print(f"|---|---|---|---{MFU_RULE}")
     for name, r in (("IP2P", ip2p), ("FoI", foi)):
-        print(f"| {name} | {r['seconds'] / args.batch:.3f} | {r['compile_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+        print(f"| {name} | {r['seconds'] / args.batch:.3f} | {r['compile_s']:.1f} | {memory_cell(r)} {mfu_cells(r)}")
     print(f"\nFoI / IP2P time: {foi['seconds'] / ip2p['seconds']:.3f}")
 
 

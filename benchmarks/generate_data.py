@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from worker import worker_result  # benchmarks/ is on sys.path
+from mfu import MFU_HEADER, MFU_RULE, compiled_flops, loop_flops, mfu_cells, utilisation  # benchmarks/ on sys.path
+from worker import worker_result
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = [("a photo of a cat on a sofa", "a photo of a dog on a sofa"), ("a red car", "a blue car in snow")]
@@ -138,7 +139,19 @@ def worker_jax(pairs: int, steps: int, repeats: int) -> dict:
 
     plain_pairs()
     plain = best_of(repeats, plain_pairs)
-    return dict(full=full, p2p=p2p, plain=plain, compile_s=compile_s, device=jax.devices()[0].device_kind, **times)
+    # Model FLOPs of a generate_data.py batch: the UNet at the P2P batch once per step (mfu.py: a scan's body is
+    # counted once), without the control's elementwise work; decoding and CLIP scoring run once and are left out.
+    forward = jax.jit(lambda p, x: unet.apply({"params": p}, x, jnp.float32(500.0), context)[0])
+    flops = loop_flops(compiled_flops(forward.lower(params, x).compile()), steps)
+    return dict(
+        full=full,
+        p2p=p2p,
+        plain=plain,
+        compile_s=compile_s,
+        device=jax.devices()[0].device_kind,
+        **times,
+        **utilisation(flops, full),
+    )
 
 
 def worker_torch(pairs: int, steps: int, repeats: int, threads: int) -> dict:
@@ -221,6 +234,7 @@ def main() -> None:
         f"our compile: {ours['compile_s']:.1f} s; peak RSS ours {ours['peak_rss_mib']:.0f} MiB, "
         f"PyTorch {reference['peak_rss_mib']:.0f} MiB ({reference['threads']} threads)"
     )
+    print(f"\nMFU of a generate_data.py batch (UNet FLOPs only)\n{MFU_HEADER}\n{MFU_RULE}\n{mfu_cells(ours)}")
 
 
 if __name__ == "__main__":

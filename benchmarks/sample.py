@@ -8,6 +8,11 @@ each step to the host). PyTorch gets a 1-step warm-up call.
 
     python benchmarks/sample.py --model tiny                         # seconds
     python benchmarks/sample.py --model sd15 --batches 1 4 --steps 20  # SD 1.5 architecture, random weights
+    python benchmarks/sample.py --model sd15 --size 512 --batches 1 8 --dtype bfloat16   # on a GPU (accelerator.sh)
+
+On a GPU both run there (PyTorch on ``cuda``) and the peak memory is the device's (PyTorch's allocator peak; JAX's
+``peak_bytes_in_use``); with ``--dtype bfloat16`` we compute the UNet and text encoder in bfloat16 and PyTorch
+loads the pipeline in bfloat16.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from mfu import MFU_HEADER, MFU_RULE, edit_flops, mfu_cells, utilisation  # benchmarks/ is on sys.path
 from unet import SD15_UNET  # the same SD 1.5 UNet as benchmarks/unet.py (benchmarks/ is on sys.path)
-from worker import worker_result  # benchmarks/ is on sys.path
+from worker import worker_result
 
 SD15 = dict(
     unet=dict(SD15_UNET, sample_size=32),
@@ -99,12 +105,21 @@ def images(batch: int, size: int):
     return [Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(batch)]
 
 
-def worker_jax(folder: str, batch: int, steps: int, size: int) -> dict:
+def device_peak_mib() -> float | None:
+    """JAX's peak device memory in MiB, where the device reports it (not on CPU)."""
     import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
+def worker_jax(folder: str, batch: int, steps: int, size: int, dtype: str = "float32", backend: str = "auto") -> dict:
+    import jax
+    import jax.numpy as jnp
 
     from ip2p_jax.pipeline import InstructPix2PixPipeline
 
-    pipe = InstructPix2PixPipeline.from_pretrained(folder)
+    pipe = InstructPix2PixPipeline.from_pretrained(folder, dtype=jnp.dtype(dtype), attention_backend=backend)
     settings = dict(num_inference_steps=steps, output_type="np", progress=False)
     pictures, prompts = images(batch, size), ["make it snow"] * batch
     start = time.perf_counter()
@@ -113,19 +128,35 @@ def worker_jax(folder: str, batch: int, steps: int, size: int) -> dict:
     start = time.perf_counter()
     pipe(pictures, prompts, **settings)
     warm = time.perf_counter() - start
+    # With the bar the sampler carries a host callback, which makes it a program of its own (compiled first).
+    pipe(pictures, prompts, **{**settings, "progress": True})
     start = time.perf_counter()
-    pipe(pictures, prompts, **{**settings, "progress": True})  # the same compiled loop, reporting each step
+    pipe(pictures, prompts, **{**settings, "progress": True})
     with_bar = time.perf_counter() - start
-    return dict(seconds=warm, with_bar=with_bar, compile_s=first - warm, device=jax.devices()[0].device_kind)
+    flops = edit_flops(pipe, batch, size, steps)
+    return dict(
+        seconds=warm,
+        with_bar=with_bar,
+        compile_s=first - warm,
+        device=jax.devices()[0].device_kind,
+        device_peak_mib=device_peak_mib(),
+        **utilisation(flops, warm, dtype),
+    )
 
 
-def worker_torch(folder: str, batch: int, steps: int, size: int) -> dict:
+def worker_torch(folder: str, batch: int, steps: int, size: int, dtype: str = "float32", backend: str = "") -> dict:
     import torch
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
+    del backend  # diffusers' attention is PyTorch's scaled_dot_product_attention, which picks its own kernel
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+        folder,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        torch_dtype=getattr(torch, dtype),
+    ).to(device)
     pipe.set_progress_bar_config(disable=True)
     pictures, prompts = images(batch, size), ["make it snow"] * batch
     with torch.inference_mode():
@@ -133,13 +164,22 @@ def worker_torch(folder: str, batch: int, steps: int, size: int) -> dict:
         start = time.perf_counter()
         pipe(prompts, image=pictures, num_inference_steps=steps, output_type="np")
         seconds = time.perf_counter() - start
-    return dict(seconds=seconds, threads=torch.get_num_threads())
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return dict(seconds=seconds, threads=torch.get_num_threads(), device_peak_mib=peak)
 
 
 def run_worker(framework: str, folder: Path, batch: int, args) -> dict:
     command = [sys.executable, __file__, "--worker", framework, "--folder", str(folder), "--batches", str(batch)]
-    command += ["--steps", str(args.steps), "--size", str(args.size)]
+    command += ["--steps", str(args.steps), "--size", str(args.size), "--dtype", args.dtype]
+    command += ["--attention-backend", args.attention_backend]
     return worker_result(command, framework)
+
+
+def memory_cell(result: dict) -> str:
+    """Peak memory: the device's where it reports one, else the process's max RSS."""
+    if result.get("device_peak_mib") is not None:
+        return f"{result['device_peak_mib']:.0f} (device)"
+    return f"{result['peak_rss_mib']:.0f}"
 
 
 def main() -> None:
@@ -148,12 +188,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--attention-backend", default="auto", help="ours: auto, tiled, xla, cudnn or splash")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         work = worker_jax if args.worker == "jax" else worker_torch
-        result = work(args.folder, args.batches[0], args.steps, args.size)
+        result = work(args.folder, args.batches[0], args.steps, args.size, args.dtype, args.attention_backend)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -162,20 +204,22 @@ def main() -> None:
         folder = Path(tmp) / "model"
         write_model(MODELS[args.model], folder)
         print(
-            f"# IP2P editing, {args.model} architecture (random weights), {args.size} px, {args.steps} steps, float32"
+            f"# IP2P editing, {args.model} architecture (random weights), {args.size} px, {args.steps} steps, "
+            f"{args.dtype}, our attention {args.attention_backend}"
         )
         print(
             "| batch | ours (s/image) | PyTorch (s/image) | ours / PyTorch | our compile (s) "
-            "| our peak RSS (MiB) | PyTorch peak RSS (MiB) | ours with progress bar (s/image) |"
+            f"| our peak (MiB) | PyTorch peak (MiB) | ours with progress bar (s/image) {MFU_HEADER}"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print(f"|---|---|---|---|---|---|---|---{MFU_RULE}")
         for batch in args.batches:
             ours = run_worker("jax", folder, batch, args)
             reference = run_worker("torch", folder, batch, args)
             print(
                 f"| {batch} | {ours['seconds'] / batch:.3f} | {reference['seconds'] / batch:.3f} "
                 f"| {ours['seconds'] / reference['seconds']:.2f} | {ours['compile_s']:.1f} "
-                f"| {ours['peak_rss_mib']:.0f} | {reference['peak_rss_mib']:.0f} | {ours['with_bar'] / batch:.3f} |",
+                f"| {memory_cell(ours)} | {memory_cell(reference)} | {ours['with_bar'] / batch:.3f} "
+                f"{mfu_cells(ours)}",
                 flush=True,
             )
 

@@ -1,12 +1,14 @@
 """One UNet forward pass (a guidance batch of 3): ours (jitted JAX) against diffusers on PyTorch, same machine.
 
-The real SD 1.5 architecture with 8 input channels (InstructPix2Pix), random weights, float32. Each measurement
-runs in its own subprocess so that peak memory (max RSS) belongs to one framework. Prints, per image size: time
-per forward for both and their ratio, our compile time, peak memory, and our achieved GFLOP/s (XLA's FLOP count
-of the compiled forward / time) against the GFLOP/s of a large jitted float32 matmul on the same machine.
+The real SD 1.5 architecture with 8 input channels (InstructPix2Pix), random weights, float32 (or bfloat16
+compute with ``--dtype``). Each measurement runs in its own subprocess so that peak memory (max RSS; on a GPU, the
+device's peak) belongs to one framework. Prints, per image size: time per forward for both and their ratio, our
+compile time, peak memory, and our MFU (``mfu.py``: XLA's FLOP count of the compiled forward / time, against the
+device's peak; on a CPU the rate of a large jitted matmul on the same machine).
 
     python benchmarks/unet.py                     # SD 1.5 at 256 and 512 px
     python benchmarks/unet.py --model tiny --sizes 64   # seconds, for a smoke run
+    python benchmarks/unet.py --dtype bfloat16 --batch 24 --attention-backend cudnn   # on a GPU
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import statistics
 import sys
 import time
 
-from worker import worker_result  # benchmarks/ is on sys.path
+from mfu import MFU_HEADER, MFU_RULE, compiled_flops, mfu_cells, utilisation  # benchmarks/ is on sys.path
+from worker import worker_result
 
 SD15_UNET = dict(
     in_channels=8,
@@ -63,14 +66,14 @@ def timed(fn, repeats: int) -> list[float]:
     return times
 
 
-def worker_jax(config: dict, latent: int, batch: int, repeats: int) -> dict:
+def worker_jax(config: dict, latent: int, batch: int, repeats: int, dtype: str, backend: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 
-    module = UNet2DConditionModel(UNetConfig.from_diffusers(config))
+    module = UNet2DConditionModel(UNetConfig.from_diffusers(config), dtype=jnp.dtype(dtype), attention_backend=backend)
     sample = jnp.asarray(np.random.RandomState(0).randn(batch, latent, latent, config["in_channels"]), jnp.float32)
     timesteps = jnp.full((batch,), 500.0)
     context = jnp.asarray(np.random.RandomState(1).randn(batch, TOKENS, config["cross_attention_dim"]), jnp.float32)
@@ -82,39 +85,45 @@ def worker_jax(config: dict, latent: int, batch: int, repeats: int) -> dict:
     start = time.perf_counter()
     compiled = forward.lower(params, sample, timesteps, context).compile()
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+    flops = compiled_flops(compiled)
     compiled(params, sample, timesteps, context).block_until_ready()  # warm-up
     times = timed(lambda: compiled(params, sample, timesteps, context).block_until_ready(), repeats)
-
-    n = 4096
-    a = jnp.asarray(rng.standard_normal((n, n), np.float32))
-    matmul = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
-    matmul(a, a).block_until_ready()
-    matmul_s = min(timed(lambda: matmul(a, a).block_until_ready(), 5))
+    seconds = statistics.median(times)
+    stats = jax.devices()[0].memory_stats() or {}  # None on CPU
+    peak = stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else peak_rss_mib()
     return dict(
-        seconds=statistics.median(times),
+        seconds=seconds,
         compile_s=compile_s,
         flops=flops,
-        peak_rss_mib=peak_rss_mib(),
-        matmul_gflops=2 * n**3 / matmul_s / 1e9,
+        peak_mib=peak,
         device=str(jax.devices()[0].device_kind),
+        **utilisation(flops, seconds, dtype),
     )
 
 
-def worker_torch(config: dict, latent: int, batch: int, repeats: int) -> dict:
+def worker_torch(config: dict, latent: int, batch: int, repeats: int, dtype: str, backend: str) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
+    del backend  # PyTorch's scaled_dot_product_attention picks its own kernel
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = getattr(torch, dtype)
     torch.manual_seed(0)
-    model = UNet2DConditionModel(**config).eval()
-    sample = torch.randn(batch, config["in_channels"], latent, latent)
-    timesteps = torch.full((batch,), 500.0)
-    context = torch.randn(batch, TOKENS, config["cross_attention_dim"])
+    model = UNet2DConditionModel(**config).eval().to(device, torch_dtype)
+    sample = torch.randn(batch, config["in_channels"], latent, latent, device=device, dtype=torch_dtype)
+    timesteps = torch.full((batch,), 500.0, device=device)
+    context = torch.randn(batch, TOKENS, config["cross_attention_dim"], device=device, dtype=torch_dtype)
+
+    def forward():
+        model(sample, timesteps, context)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
-        model(sample, timesteps, context)  # warm-up
-        times = timed(lambda: model(sample, timesteps, context), repeats)
-    return dict(seconds=statistics.median(times), peak_rss_mib=peak_rss_mib(), threads=torch.get_num_threads())
+        forward()  # warm-up
+        times = timed(forward, repeats)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mib()
+    return dict(seconds=statistics.median(times), peak_mib=peak, threads=torch.get_num_threads())
 
 
 def run_worker(framework: str, args, size: int) -> dict:
@@ -131,6 +140,10 @@ def run_worker(framework: str, args, size: int) -> dict:
         str(args.batch),
         "--repeats",
         str(args.repeats),
+        "--dtype",
+        args.dtype,
+        "--attention-backend",
+        args.attention_backend,
     ]
     return worker_result(command, framework)
 
@@ -141,33 +154,34 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes in pixels")
     parser.add_argument("--batch", type=int, default=3, help="3 = IP2P's guidance batch for one image")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--attention-backend", default="auto", help="ours: auto, tiled, xla, cudnn or splash")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = MODELS[args.model]
 
     if args.worker:
         worker = worker_jax if args.worker == "jax" else worker_torch
-        print(json.dumps(worker(config, args.sizes[0] // 8, args.batch, args.repeats)))
+        latent = args.sizes[0] // 8
+        print(json.dumps(worker(config, latent, args.batch, args.repeats, args.dtype, args.attention_backend)))
         return
 
     print(
-        f"# UNet forward, {args.model}, batch {args.batch}, float32, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs"
+        f"# UNet forward, {args.model}, batch {args.batch}, {args.dtype}, attention {args.attention_backend}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     )
     print(
-        "| image | ours (s) | PyTorch (s) | ours / PyTorch | our compile (s) | our peak RSS (MiB) | "
-        "PyTorch peak RSS (MiB) | our GFLOP/s | matmul GFLOP/s | share of matmul |"
+        "| image | ours (s) | PyTorch (s) | ours / PyTorch | our compile (s) | our peak (MiB) | "
+        f"PyTorch peak (MiB) {MFU_HEADER} device |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"|---|---|---|---|---|---|---{MFU_RULE}---|")
     for size in args.sizes:
         ours = run_worker("jax", args, size)
         reference = run_worker("torch", args, size)
-        gflops = ours["flops"] / ours["seconds"] / 1e9
         print(
             f"| {size} px | {ours['seconds']:.3f} | {reference['seconds']:.3f} | "
-            f"{ours['seconds'] / reference['seconds']:.2f} | {ours['compile_s']:.1f} | {ours['peak_rss_mib']:.0f} | "
-            f"{reference['peak_rss_mib']:.0f} | {gflops:.1f} | {ours['matmul_gflops']:.1f} | "
-            f"{gflops / ours['matmul_gflops']:.2f} |",
+            f"{ours['seconds'] / reference['seconds']:.2f} | {ours['compile_s']:.1f} | {ours['peak_mib']:.0f} | "
+            f"{reference['peak_mib']:.0f} {mfu_cells(ours)} {ours['device']} |",
             flush=True,
         )
 

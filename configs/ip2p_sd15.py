@@ -44,5 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample_steps = 50
     config.dtype = "bfloat16"
     config.remat = "none"  # rematerialised blocks in the train step: "transformer", "resnet_and_transformer"
+    config.attention_backend = "auto"  # the UNet's attention kernel (models/attention_kernels.py)
     config.lock()
     return config

@@ -61,5 +61,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_tau = 0.2
     config.dtype = "float32"
     config.remat = "none"  # rematerialised blocks in the train step: "transformer", "resnet_and_transformer"
+    config.attention_backend = "auto"  # the UNet's attention kernel (models/attention_kernels.py)
     config.lock()
     return config

@@ -137,15 +137,19 @@ class InstructPix2PixPipeline:
         revision: str | None = None,
         variant: str | None = None,
         mesh=None,
+        attention_backend: str = "auto",
     ) -> InstructPix2PixPipeline:
         """Loads a diffusers-layout folder or hub repo id (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
         ``scheduler/``). ``dtype`` is the compute dtype of the UNet and the text encoder (``jnp.bfloat16`` on
         accelerators); params stay float32, and so do the autoencoder and the scheduler's arithmetic: the
         autoencoder runs once per image (float32 costs little beside the UNet's steps) and its decoder is where
         half precision overflows (diffusers upcasts SDXL's for that reason), and the sampler keeps latents, noise
-        and model outputs in float32 between steps, so that rounding does not accumulate over the schedule."""
+        and model outputs in float32 between steps, so that rounding does not accumulate over the schedule.
+        ``attention_backend`` forces the UNet's attention kernel (``models/attention_kernels.py``; ``"auto"``: the
+        platform's)."""
         options = dict(revision=revision, variant=variant)
         unet, unet_params = load_unet(path_or_repo_id, dtype=dtype, **options)
+        unet = unet.clone(attention_backend=attention_backend)
         vae, vae_params = load_vae(path_or_repo_id, dtype=jnp.float32, **options)
         text_encoder, text_params = load_text_encoder(path_or_repo_id, dtype=dtype, **options)
         tokenizer = load_tokenizer(path_or_repo_id, revision=revision)

@@ -11,10 +11,15 @@ layer's name:
     eps, aux = unet.apply({"params": params}, x, t, context, control=RecordCrossAttention(sizes=((16, 16),)))
     aux["down_blocks.1.attentions.0.transformer_blocks.0.attn2"]  # (B, 16, 16, T) head-averaged maps
 
-Self-attention takes the fused ``jax.nn.dot_product_attention`` path on accelerators (and a tiled loop of plain
-matmuls on CPU, where XLA runs that form much faster). A control may opt in to self-attention layer by layer
-(``controls_self_attention``); it then receives the layer's queries, keys and values (``self_attention``), e.g. to
-share one image's self-attention with another (Prompt-to-Prompt). Layers no control asks for keep the fused path.
+Self-attention takes the fused path: the attention kernel of the platform (``attention_kernels.py``: splash on
+TPU, cuDNN on GPU, a tiled loop of plain matmuls on CPU), or the one the UNet's ``attention_backend`` forces. A
+control may opt in to self-attention layer by layer (``controls_self_attention``); it then receives the layer's
+queries, keys and values (``self_attention``), e.g. to share one image's self-attention with another
+(Prompt-to-Prompt). Layers no control asks for keep the fused path.
+
+Cross-attention stays in the explicit form in every layer, with or without a control. Its 77 keys keep the scores
+small (4,096 x 77 per head at 512 px, 1.9 % of self-attention's 4,096 x 4,096), and one form everywhere keeps a
+control that changes nothing bitwise equal to the plain model, which the tests of every control rely on.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from ip2p_jax.models.attention_kernels import dot_product_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,66 +184,22 @@ def _dense(features: int, use_bias: bool, dtype, name: str) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _query_tile(length: int) -> int:
-    """Rows of queries per tile on CPU: about ``length / 8``, at least 64, dividing ``length``."""
-    target = max(64, length // 8)
-    tile = max((d for d in range(1, min(target, length) + 1) if length % d == 0), default=length)
-    return tile if tile >= 16 else length
-
-
-def _tiled_attention(q_btnd: jax.Array, k_bsnd: jax.Array, v_bsnd: jax.Array) -> jax.Array:
-    """Softmax attention as a loop over (batch, head) and query tiles of 2-D matmuls.
-
-    XLA's CPU backend runs batched matmuls with a small contraction (the head size) several times slower than
-    plain ones, and the full ``(B, heads, T, S)`` score tensor does not fit in cache: at 4096 tokens this form
-    is over 10x faster than the batched one (benchmarks/cpu_kernels.py). Scores accumulate in float32.
-    """
-    batch, length, heads, dim = q_btnd.shape
-    tile = _query_tile(length)
-
-    def by_head(x):  # (B, T, N, d) -> (B * N, T, d)
-        return x.transpose(0, 2, 1, 3).reshape(batch * heads, x.shape[1], dim)
-
-    queries = by_head(q_btnd * jnp.asarray(dim**-0.5, q_btnd.dtype)).reshape(batch * heads, -1, tile, dim)
-
-    def one_head(args):
-        q_tiles, k, v = args
-
-        def one_tile(q):
-            probs = jax.nn.softmax(jnp.matmul(q, k.T, preferred_element_type=jnp.float32), axis=-1)
-            return jnp.matmul(probs.astype(v.dtype), v)
-
-        return jax.lax.map(one_tile, q_tiles)
-
-    out = jax.lax.map(one_head, (queries, by_head(k_bsnd), by_head(v_bsnd)))
-    return out.reshape(batch, heads, length, dim).transpose(0, 2, 1, 3)
-
-
-def dot_product_attention(q_btnd: jax.Array, k_bsnd: jax.Array, v_bsnd: jax.Array) -> jax.Array:
-    """Softmax attention ``(B, T, heads, d), (B, S, heads, d) x2 -> (B, T, heads, d)``.
-
-    On accelerators this is the fused ``jax.nn.dot_product_attention``; on CPU, where XLA's fused form
-    materialises every score and is slow, the tiled loop above.
-    """
-    if jax.default_backend() == "cpu":
-        return _tiled_attention(q_btnd, k_bsnd, v_bsnd)
-    return jax.nn.dot_product_attention(q_btnd, k_bsnd, v_bsnd)
-
-
 def _self_projections(x_btc: jax.Array, num_heads: int, qkv_bias: bool, dtype: Any) -> list[jax.Array]:
     """``to_q``, ``to_k``, ``to_v`` of the calling module applied to ``x``, each split into heads."""
     channels = x_btc.shape[-1]
     return [split_heads(_dense(channels, qkv_bias, dtype, name)(x_btc), num_heads) for name in ("to_q", "to_k", "to_v")]
 
 
-def fused_self_attention(x_btc: jax.Array, num_heads: int, qkv_bias: bool, dtype: Any) -> jax.Array:
-    """Multi-head self-attention ``(B, T, C) -> (B, T, C)`` through ``dot_product_attention``.
+def fused_self_attention(
+    x_btc: jax.Array, num_heads: int, qkv_bias: bool, dtype: Any, backend: str = "auto"
+) -> jax.Array:
+    """Multi-head self-attention ``(B, T, C) -> (B, T, C)`` through ``dot_product_attention`` by ``backend``.
 
     Call it inside a compact method: it creates ``to_q``, ``to_k``, ``to_v`` (with biases if ``qkv_bias``, as
     in the VAE) and ``to_out_0`` in the calling module, as diffusers' ``Attention`` names them.
     """
     q, k, v = _self_projections(x_btc, num_heads, qkv_bias, dtype)
-    out = dot_product_attention(q, k, v).reshape(x_btc.shape)
+    out = dot_product_attention(q, k, v, backend).reshape(x_btc.shape)
     return _dense(x_btc.shape[-1], True, dtype, "to_out_0")(out)
 
 
@@ -246,17 +209,19 @@ class SelfAttention(nn.Module):
     Attributes:
       num_heads: heads; the head size is ``C // num_heads``.
       layer: this layer's place, handed to the control (static); ``None`` never offers the layer to a control.
+      attention_backend: the fused path's kernel (``attention_kernels.BACKENDS``).
     """
 
     num_heads: int
     layer: LayerInfo | None = None
     dtype: Any = jnp.float32
+    attention_backend: str = "auto"
 
     @nn.compact
     def __call__(self, x_btc: jax.Array, control: AttentionControl | None = None) -> tuple[jax.Array, Any]:
         """``(B, T, C)`` -> ``((B, T, C), aux or None)``."""
         if control is None or self.layer is None or not control.controls_self_attention(self.layer):
-            return fused_self_attention(x_btc, self.num_heads, False, self.dtype), None
+            return fused_self_attention(x_btc, self.num_heads, False, self.dtype, self.attention_backend), None
         q, k, v = _self_projections(x_btc, self.num_heads, False, self.dtype)
         out, aux = control.self_attention(q, k, v, self.layer)
         return _dense(x_btc.shape[-1], True, self.dtype, "to_out_0")(out), aux

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ip2p_jax.models.attention import AttentionControl, CrossAttention, LayerInfo, SelfAttention
+from ip2p_jax.models.attention_kernels import check_backend
 from ip2p_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -199,6 +200,7 @@ class BasicTransformerBlock(nn.Module):
     layer: LayerInfo
     self_layer: LayerInfo | None = None
     dtype: Any = jnp.float32
+    attention_backend: str = "auto"
 
     @nn.compact
     def __call__(self, x_btc, context_bkd, control):
@@ -208,13 +210,14 @@ class BasicTransformerBlock(nn.Module):
             )
 
         aux = {}
-        out, self_aux = SelfAttention(self.num_heads, self.self_layer, dtype=self.dtype, name="attn1")(
+        backend = self.attention_backend
+        out, self_aux = SelfAttention(self.num_heads, self.self_layer, self.dtype, backend, name="attn1")(
             norm("norm1")(x_btc), control
         )
         if self_aux is not None:
             aux[self.self_layer.name] = self_aux
         x_btc = x_btc + out
-        out, cross_aux = CrossAttention(self.num_heads, self.layer, dtype=self.dtype, name="attn2")(
+        out, cross_aux = CrossAttention(self.num_heads, self.layer, self.dtype, name="attn2")(
             norm("norm2")(x_btc), context_bkd, control
         )
         if cross_aux is not None:
@@ -250,6 +253,7 @@ class Transformer2DModel(nn.Module):
     attention_index: int
     dtype: Any = jnp.float32
     remat: str = "none"
+    attention_backend: str = "auto"
 
     @nn.compact
     def __call__(self, x_bhwc, context_bkd, control):
@@ -272,9 +276,10 @@ class Transformer2DModel(nn.Module):
                 )
                 for module in ("attn2", "attn1")
             )
-            h, layer_aux = block_class(self.num_heads, layer, self_layer, self.dtype, name=f"transformer_blocks_{i}")(
-                h, context_bkd, control
+            block = block_class(
+                self.num_heads, layer, self_layer, self.dtype, self.attention_backend, name=f"transformer_blocks_{i}"
             )
+            h, layer_aux = block(h, context_bkd, control)
             aux.update(layer_aux)
         h = nn.Dense(channels, dtype=self.dtype, param_dtype=jnp.float32, name="proj_out")(h)
         return x_bhwc + h.reshape(batch, height, width, channels), aux
@@ -313,6 +318,7 @@ class _BlockSettings(nn.Module):
     place: _Place
     dtype: Any = jnp.float32
     remat: str = "none"
+    attention_backend: str = "auto"
 
     def resnet(self, index):
         resnet_class = rematerialised(ResnetBlock2D, self.remat, "resnet")
@@ -327,6 +333,7 @@ class _BlockSettings(nn.Module):
             index,
             self.dtype,
             self.remat,
+            self.attention_backend,
             name=f"attentions_{index}",
         )
 
@@ -398,15 +405,20 @@ class UNet2DConditionModel(nn.Module):
       config: the network's settings (``UNetConfig.from_diffusers(json)`` for a checkpoint's).
       dtype: compute dtype; parameters stay float32.
       remat: which blocks training rematerialises (a key of ``REMAT``); the outputs do not change.
+      attention_backend: the kernel of self-attention (``attention_kernels.BACKENDS``; ``"auto"`` picks the
+        platform's); cross-attention keeps its explicit form (``models/attention.py``).
     """
 
     config: UNetConfig
     dtype: Any = jnp.float32
     remat: str = "none"
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.remat not in REMAT:  # checked here, so that a bad setting fails where the model is made
+        # Checked here, so that a bad setting fails where the model is made.
+        if self.remat not in REMAT:
             raise ValueError(f"remat must be one of {sorted(REMAT)}, got {self.remat!r}")
+        check_backend(self.attention_backend)
         super().__post_init__()
 
     @nn.compact
@@ -447,6 +459,7 @@ class UNet2DConditionModel(nn.Module):
                 place=_Place(block, block_index, index),
                 dtype=dtype,
                 remat=self.remat,
+                attention_backend=self.attention_backend,
             )
 
         h = conv(cfg.block_out_channels[0], 3, dtype, "conv_in")(sample_bhwc.astype(dtype))
