@@ -359,3 +359,35 @@ def test_shapes_triples_are_the_training_examples_captions(tmp_path):
         assert triple.edit == example.instruction
     with pytest.raises(SystemExit):
         tool.main(["--count", "2", "--start", str(config.num_train - 1), "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_offline_filter_and_export_reproduce_the_generated_data_set(generated, tmp_path):
+    """tools/judge_generated_pairs.py re-applies the filter to the saved scores and writes the kept pairs from the
+    saved candidate pictures: with the generation's own thresholds it rebuilds the same data set, byte for byte."""
+    from ip2p_jax.data_generation import FilterThresholds
+
+    config, out, _, _ = generated
+    spec = importlib.util.spec_from_file_location("judge_generated_pairs", ROOT / "tools" / "judge_generated_pairs.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    lines = Path(config.triples).read_text().splitlines()
+    triples, records = {}, []
+    for folder in sorted(out.glob("0*")):
+        triples[int(folder.name)] = json.loads(lines[int(folder.name)])
+        for line in (folder / "scores.jsonl").read_text().splitlines():
+            records.append({**json.loads(line), "triple": int(folder.name)})
+    settings = (config.clip_threshold, config.clip_dir_threshold, config.clip_img_threshold, config.max_kept)
+    thresholds = FilterThresholds(*settings)
+    refiltered = tool.refilter([{**r, "kept": False} for r in records], thresholds)
+    assert sorted((r["seed"], r["kept"]) for r in refiltered) == sorted((r["seed"], r["kept"]) for r in records)
+    assert tool.export(out, refiltered, triples, tmp_path / "again") == len(triples)
+    assert (tmp_path / "again" / "seeds.json").read_text() == (out / "seeds.json").read_text()
+    for name, kept in json.loads((out / "seeds.json").read_text()):
+        for seed in kept:
+            for role in (0, 1):
+                assert (tmp_path / "again" / name / f"{seed}_{role}.jpg").read_bytes() == (
+                    out / name / f"{seed}_{role}.jpg"
+                ).read_bytes()
+    # A stricter filter keeps fewer.
+    strict = tool.refilter(records, FilterThresholds(-1.0, -1.0, -1.0, max_kept=0))
+    assert not any(r["kept"] for r in strict)

@@ -19,6 +19,7 @@ Two commands:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -100,6 +101,57 @@ def summary(records: list[dict]) -> dict:
     }
 
 
+def candidate_of(record: dict):
+    """A saved candidate's record as a ``data_generation.Candidate`` (scores, no pictures)."""
+    from ip2p_jax.data_generation import Candidate
+
+    scores = {name: record[name] for name in SCORE_NAMES}
+    return Candidate(record["seed"], record["p2p_threshold"], record["cfg_scale"], scores)
+
+
+def refilter(records: list[dict], thresholds) -> list[dict]:
+    """``records`` with ``kept`` recomputed per triple by IP2P's filter with ``thresholds`` (a
+    ``data_generation.FilterThresholds``): the filter is a function of the saved scores alone."""
+    from ip2p_jax.data_generation import select
+
+    by_triple: dict[int, list[dict]] = {}
+    for record in records:
+        by_triple.setdefault(record["triple"], []).append(record)
+    out = []
+    for triple_records in by_triple.values():
+        candidates = [candidate_of(r) for r in triple_records]
+        kept = {c.seed for c in select(candidates, thresholds)}
+        out.extend({**r, "kept": r["seed"] in kept} for r in triple_records)
+    return out
+
+
+def calibrate(records: list[dict], max_kept: int, min_yield: float = 0.5):
+    """The thresholds, among each score's quartiles of ``records`` (or none), whose filter keeps the largest share
+    of correct pairs among the judged ones it keeps, while at least ``min_yield`` of the triples keep a pair; one
+    threshold for both image-caption scores, as IP2P has. Returns ``(FilterThresholds, that share, yield)``."""
+    from ip2p_jax.data_generation import FilterThresholds
+
+    def levels(name):
+        return [-1.0, *np.percentile([r[name] for r in records], [25, 50, 75]).tolist()]
+
+    text = sorted(set(levels("clip_sim_0")) | set(levels("clip_sim_1")))
+    triples = {r["triple"] for r in records}
+    best = None
+    for text_image in text:
+        for directional in levels("clip_sim_dir"):
+            for image in levels("clip_sim_image"):
+                thresholds = FilterThresholds(text_image, directional, image, max_kept)
+                kept = [r for r in refilter(records, thresholds) if r["kept"]]
+                judged = [r for r in kept if r["judged"]]
+                share_of_triples = len({r["triple"] for r in kept}) / len(triples)
+                if not judged or share_of_triples < min_yield:
+                    continue
+                share = float(np.mean([r["correct"] for r in judged]))
+                if best is None or share > best[1]:
+                    best = (thresholds, share, share_of_triples)
+    return best
+
+
 def report(records: list[dict]) -> dict:
     """``summary`` of all candidates and of the kept ones, by kind and by ``p`` bin."""
     kept = [r for r in records if r["kept"]]
@@ -140,6 +192,34 @@ def draw_grid(data: Path, records: list[dict], path: Path, rows: int = 8) -> Non
     canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST).save(path)
 
 
+def export(data: Path, records: list[dict], triples: dict[int, dict], out: Path) -> int:
+    """Writes the kept pairs of ``records`` in the released layout (``data_generation``'s module docstring) to
+    ``out``, from the saved candidate pictures; returns the triples listed in ``seeds.json``."""
+    from PIL import Image
+
+    from ip2p_jax.data_generation import Triple, write_seeds_json, write_triple
+
+    by_triple: dict[int, list[dict]] = {}
+    for record in records:
+        by_triple.setdefault(record["triple"], []).append(record)
+    for index, triple_records in sorted(by_triple.items()):
+        spec = triples[index]
+        triple = Triple(index, spec["input"], spec["edit"], spec["output"])
+        candidates, kept = [], []
+        for r in triple_records:
+            candidate = candidate_of(r)
+            if r["kept"]:
+                folder = data / triple.name / "candidates"
+                candidate.images = np.stack(
+                    [np.asarray(Image.open(folder / f"{r['seed']}_{role}.png")) for role in (0, 1)]
+                )
+                kept.append(candidate)
+            candidates.append(candidate)
+        kept.sort(key=lambda c: (c.scores["clip_sim_dir"], c.seed), reverse=True)
+        write_triple(out, triple, candidates, kept, quality=100)
+    return write_seeds_json(out)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +231,13 @@ def main(argv=None) -> dict:
     judge = commands.add_parser("judge", help="judge a generated data set's candidates")
     judge.add_argument("--data", type=Path, required=True, help="generate_data.py's --out (save_candidates on)")
     judge.add_argument("--triples", type=Path, required=True, help="the triples file the data set was made from")
+    judge.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        help="choose the filter's thresholds on the triples of the first N lines (calibrate) and report the rest",
+    )
+    judge.add_argument("--export", type=Path, default=None, help="write the calibrated filter's pairs (every triple)")
     judge.add_argument("--grid", type=Path, default=None, help="a PNG of kept (green) and rejected (red) pairs")
     judge.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -167,25 +254,51 @@ def main(argv=None) -> dict:
 
     if not (args.data / SETTINGS_FILE).is_file():
         parser.error(f"{args.data} is not a generate_data.py folder (no {SETTINGS_FILE})")
+    if args.export and not args.calibrate:
+        parser.error("--export writes the calibrated filter's pairs: give --calibrate N")
     lines = args.triples.read_text().splitlines()
     triples = {i: json.loads(line) for i, line in enumerate(lines) if line.strip()}
     records = judge_folder(args.data, triples)
     if not records:
         parser.error(f"{args.data} has no finished triple")
-    result = report(records)
-    for group in ("all", "kept"):
-        figures = result[group]
+    groups = {"generated (kept: the best 4 by directional similarity)": records}
+    result = {}
+    if args.calibrate:
+        settings = json.loads((args.data / SETTINGS_FILE).read_text())
+        calibration = [r for r in records if r["triple"] < args.calibrate]
+        held_out = [r for r in records if r["triple"] >= args.calibrate]
+        if not calibration or not held_out:
+            parser.error(f"--calibrate {args.calibrate} leaves no calibration or no held-out triple")
+        chosen, share, triples_kept = calibrate(calibration, settings["max_kept"])
         print(
-            f"{group}: {figures['candidates']} pairs, {figures['judged']} judged, correct "
-            f"{figures['correct_share']:.1%} (input shows the object: {figures['present_share']:.1%}), correct pairs' "
-            f"median change outside {figures['outside_change_correct']}"
+            f"thresholds chosen on {len({r['triple'] for r in calibration})} triples: image-caption "
+            f"{chosen.text_image:.3f}, directional {chosen.directional:.3f}, image {chosen.image:.3f} (correct "
+            f"{share:.1%} of the judged pairs kept there, {triples_kept:.0%} of its triples keep a pair)"
         )
-    for kind, groups in result["kinds"].items():
-        print(f"  {kind}: all {groups['all']['correct_share']:.1%}, kept {groups['kept']['correct_share']:.1%}")
-    for bin_name, groups in result["p"].items():
-        print(f"  p {bin_name}: all {groups['all']['correct_share']:.1%}, kept {groups['kept']['correct_share']:.1%}")
+        result["thresholds"] = dataclasses.asdict(chosen)
+        groups = {
+            "held-out, kept: the best 4 by directional similarity": held_out,
+            "held-out, kept: the calibrated filter": refilter(held_out, chosen),
+        }
+        if args.export:
+            export(args.data, refilter(records, chosen), triples, args.export)
+    for title, group in groups.items():
+        figures = report(group)
+        result[title] = figures
+        print(title)
+        for name in ("all", "kept"):
+            f = figures[name]
+            print(
+                f"  {name}: {f['candidates']} pairs ({len({r['triple'] for r in group if name == 'all' or r['kept']})} "
+                f"triples), {f['judged']} judged, correct {f['correct_share']:.1%} (the input shows the object: "
+                f"{f['present_share']:.1%}), correct pairs' median change outside {f['outside_change_correct']}"
+            )
+        for kind, by_kind in figures["kinds"].items():
+            print(f"  {kind}: all {by_kind['all']['correct_share']:.1%}, kept {by_kind['kept']['correct_share']:.1%}")
+        for bin_name, by_p in figures["p"].items():
+            print(f"  p {bin_name}: all {by_p['all']['correct_share']:.1%}, kept {by_p['kept']['correct_share']:.1%}")
     if args.grid:
-        draw_grid(args.data, records, args.grid)
+        draw_grid(args.data, list(groups.values())[-1], args.grid)
     if args.json:
         args.json.write_text(json.dumps({"report": result, "records": records}, indent=1))
     return result
