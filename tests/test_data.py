@@ -67,6 +67,21 @@ def test_original_layout_splits_and_skips(original_builder, original_layout):
     assert example["edited_image"] == (original_layout / "prompt19" / "191_1.jpg").read_bytes()
 
 
+def test_original_layout_of_few_prompts_leaves_out_its_empty_splits(original_layout, tmp_path):
+    """8 prompts: the reference's boundaries give [0, 7), [7, 7) and [7, 8); the empty validation split is left out
+    (TFDS cannot write one) and the others are built."""
+    small = tmp_path / "small"
+    small.mkdir()
+    seeds = json.loads((original_layout / "seeds.json").read_text())[10:18]
+    for name, _ in seeds:
+        (small / name).symlink_to(original_layout / name)
+    (small / "seeds.json").write_text(json.dumps(seeds))
+    builder = prepared_builder("ip2p_original", str(tmp_path / "tfds"), str(small), prepare=True)
+    splits = builder.info.splits
+    assert sorted(splits) == ["test", "train"]
+    assert (splits["train"].num_examples, splits["test"].num_examples) == (7, 1)
+
+
 def test_original_layout_without_seeds_json_is_an_error(tmp_path):
     with pytest.raises(Exception, match="no seeds.json"):
         prepared_builder("ip2p_original", str(tmp_path / "tfds"), str(tmp_path), prepare=True)

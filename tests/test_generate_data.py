@@ -391,3 +391,29 @@ def test_offline_filter_and_export_reproduce_the_generated_data_set(generated, t
     # A stricter filter keeps fewer.
     strict = tool.refilter(records, FilterThresholds(-1.0, -1.0, -1.0, max_kept=0))
     assert not any(r["kept"] for r in strict)
+
+
+@pytest.mark.slow
+def test_the_loop_on_tiny_models_triples_to_pairs_to_training(tmp_path):
+    """Issue 20's loop end to end on random tiny models, as a user runs it: ShapesEdit caption triples, pairs
+    generated with every candidate saved, the judge over them, the TFDS builder, and two InstructPix2Pix
+    training steps on the generated pairs alone."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+    def run(*command):
+        argv = [sys.executable, *map(str, command)]
+        result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result
+
+    triples, data = tmp_path / "triples.jsonl", tmp_path / "pairs"
+    run("tools/shapes_triples.py", "--count", "8", "--out", triples)
+    generation = ["--config", "configs/generate_data.py:tiny", f"--config.triples={triples}", "--config.steps=2"]
+    generation += ["--config.samples_per_triple=2", "--config.save_candidates=True", "--out", data, "--noprogress"]
+    run("generate_data.py", *generation)
+    judged = run("tools/judge_generated_pairs.py", "judge", "--data", data, "--triples", triples)
+    assert "all: 16 pairs (8 triples)" in judged.stdout and "kept: 16 pairs (8 triples)" in judged.stdout
+    training = ["--config", "configs/tiny.py", "--config.data=ip2p_original", f"--config.manual_dir={data}"]
+    training += [f"--config.data_dir={tmp_path / 'tfds'}", "--config.steps=2", "--config.global_batch_size=2"]
+    trained = run("train.py", *training, "--config.log_every=1", "--workdir", tmp_path / "run")
+    assert "done: step 2, last loss" in trained.stderr

@@ -269,7 +269,10 @@ def main(argv=None) -> dict:
         held_out = [r for r in records if r["triple"] >= args.calibrate]
         if not calibration or not held_out:
             parser.error(f"--calibrate {args.calibrate} leaves no calibration or no held-out triple")
-        chosen, share, triples_kept = calibrate(calibration, settings["max_kept"])
+        best = calibrate(calibration, settings["max_kept"])
+        if best is None:
+            parser.error(f"no thresholds keep a judged pair for half of the first {args.calibrate} triples")
+        chosen, share, triples_kept = best
         print(
             f"thresholds chosen on {len({r['triple'] for r in calibration})} triples: image-caption "
             f"{chosen.text_image:.3f}, directional {chosen.directional:.3f}, image {chosen.image:.3f} (correct "

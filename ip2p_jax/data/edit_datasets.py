@@ -3,7 +3,8 @@
 * ``ip2p_original``: the InstructPix2Pix data set as released (``clip-filtered-dataset`` / ``random-sample-dataset``),
   given as the manual dir: ``seeds.json`` lists ``[name, [seed, ...]]`` per prompt, and each ``name/`` folder holds
   ``prompt.json`` (the instruction is its ``"edit"``) and ``{seed}_0.jpg`` / ``{seed}_1.jpg``. The splits are the
-  reference's: contiguous ranges of ``seeds.json`` at fractions 0.9 / 0.05 / 0.05 (``floor(f * len)`` boundaries).
+  reference's: contiguous ranges of ``seeds.json`` at fractions 0.9 / 0.05 / 0.05 (``floor(f * len)`` boundaries);
+  a split those boundaries leave empty (a data set of fewer than 20 prompts) is left out, as TFDS cannot write one.
   Every seed of a prompt becomes one example; the reference instead draws one of a prompt's seeds each time it
   visits the prompt, so prompts with many seeds weigh more here than there.
 * ``ip2p_manifest``: every ``*.jsonl`` and ``*.parquet`` file of the manual dir, rows with ``input_image``,
@@ -115,7 +116,8 @@ class Ip2pOriginal(_EditPairs):
         splits = {}
         for split, (start, stop) in SPLIT_FRACTIONS.items():
             first, last = math.floor(start * len(prompts)), math.floor(stop * len(prompts))
-            splits[split] = self._generate_examples(root, prompts[first:last])
+            if last > first:
+                splits[split] = self._generate_examples(root, prompts[first:last])
         return splits
 
     def _generate_examples(self, root: Path, prompts: list):
