@@ -34,6 +34,7 @@ SPLASH_BLOCK = 512  # largest query / key block of the TPU kernel; shorter seque
 
 
 def check_backend(backend: str) -> str:
+    """``backend`` if it is one of ``BACKENDS``, else a ``ValueError`` naming them."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     return backend
