@@ -189,7 +189,7 @@ def draw_grid(data: Path, records: list[dict], path: Path, rows: int = 8) -> Non
                 picture = Image.open(data / f"{triple:07d}" / "candidates" / f"{record['seed']}_{role}.png")
                 canvas.paste(picture, (x + pad + role * cell, y + pad))
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST).save(path)
+    canvas.save(path)
 
 
 def export(data: Path, records: list[dict], triples: dict[int, dict], out: Path) -> int:
