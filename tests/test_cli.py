@@ -85,6 +85,13 @@ def test_bad_arguments_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_unknown_attention_backend_is_a_clear_error(tmp_path, capsys):
+    image = write_image(tmp_path / "in.png", 64)
+    argv = ["--attention-backend", "flash", "--image", str(image), "--instruction", "x", "--out", str(tmp_path / "o")]
+    assert sample.main(argv) == 1
+    assert "error: --attention-backend: attention backend must be one of" in capsys.readouterr().err
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     image = write_image(tmp_path / "in.png", 64)
     code = sample.main(
