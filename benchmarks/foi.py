@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from mfu import MFU_HEADER, MFU_RULE, edit_flops, mfu_cells, utilisation  # benchmarks/ is on sys.path
-from worker import worker_result
+from worker import device_peak_mib, memory_cell, worker_result
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sample import MODELS, device_peak_mib, images, memory_cell, write_model  # noqa: E402
+from sample import MODELS, images, write_model  # noqa: E402
 
 SUBS = [("make it snow", "snow"), ("turn the sky red", "sky")]
 

@@ -35,13 +35,6 @@ def compiled_flops(compiled) -> float:
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
-def function_flops(fn, *args) -> float:
-    """FLOPs of ``fn(*args)`` compiled (``fn`` is jitted here if it is not already)."""
-    import jax
-
-    return compiled_flops(jax.jit(fn).lower(*args).compile())
-
-
 def loop_flops(step_flops: float, steps: int) -> float:
     """A loop's FLOPs from one step's (module docstring)."""
     return step_flops * steps

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mfu import MFU_HEADER, MFU_RULE, edit_flops, mfu_cells, utilisation  # benchmarks/ is on sys.path
 from unet import SD15_UNET  # the same SD 1.5 UNet as benchmarks/unet.py (benchmarks/ is on sys.path)
-from worker import worker_result
+from worker import device_peak_mib, memory_cell, worker_result
 
 SD15 = dict(
     unet=dict(SD15_UNET, sample_size=32),
@@ -105,14 +105,6 @@ def images(batch: int, size: int):
     return [Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(batch)]
 
 
-def device_peak_mib() -> float | None:
-    """JAX's peak device memory in MiB, where the device reports it (not on CPU)."""
-    import jax
-
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
-
-
 def worker_jax(folder: str, batch: int, steps: int, size: int, dtype: str = "float32", backend: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
@@ -173,13 +165,6 @@ def run_worker(framework: str, folder: Path, batch: int, args) -> dict:
     command += ["--steps", str(args.steps), "--size", str(args.size), "--dtype", args.dtype]
     command += ["--attention-backend", args.attention_backend]
     return worker_result(command, framework)
-
-
-def memory_cell(result: dict) -> str:
-    """Peak memory: the device's where it reports one, else the process's max RSS."""
-    if result.get("device_peak_mib") is not None:
-        return f"{result['device_peak_mib']:.0f} (device)"
-    return f"{result['peak_rss_mib']:.0f}"
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ import time
 
 from mfu import MFU_HEADER, MFU_RULE, compiled_flops, mfu_cells, utilisation  # benchmarks/ is on sys.path
 from unet import SD15_UNET
+from worker import device_peak_mib, memory_cell
 
 from ip2p_jax.training.tiny import TINY_TEXT, TINY_UNET, TINY_VAE
-from sample import memory_cell
 
 SD15 = dict(
     unet=SD15_UNET,
@@ -99,8 +99,7 @@ def worker_jax(model: dict, batch: int, steps: int, dtype: str = "float32") -> d
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+    peak = device_peak_mib()
     return dict(seconds=seconds, compile_s=compile_s, device_peak_mib=peak, **utilisation(flops, seconds, dtype))
 
 

@@ -23,7 +23,7 @@ import sys
 import time
 
 from mfu import MFU_HEADER, MFU_RULE, compiled_flops, mfu_cells, utilisation  # benchmarks/ is on sys.path
-from worker import worker_result
+from worker import device_peak_mib, worker_result
 
 SD15_UNET = dict(
     in_channels=8,
@@ -89,8 +89,7 @@ def worker_jax(config: dict, latent: int, batch: int, repeats: int, dtype: str, 
     compiled(params, sample, timesteps, context).block_until_ready()  # warm-up
     times = timed(lambda: compiled(params, sample, timesteps, context).block_until_ready(), repeats)
     seconds = statistics.median(times)
-    stats = jax.devices()[0].memory_stats() or {}  # None on CPU
-    peak = stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else peak_rss_mib()
+    peak = device_peak_mib() or peak_rss_mib()
     return dict(
         seconds=seconds,
         compile_s=compile_s,

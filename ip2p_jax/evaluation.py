@@ -136,7 +136,7 @@ def generated_pair_judgement(image_0: np.ndarray, image_1: np.ndarray, scene: Sc
         return {"judged": False}
     if edit.kind == "background":
         colour, target = scene.background, edit.value
-        true_area = scene.object_masks().any(axis=0).size - scene.object_masks().any(axis=0).sum()
+        true_area = (~scene.object_masks().any(axis=0)).sum()
     else:
         obj = scene.objects[scene.object_index(edit.shape)]
         if sum(other.colour == obj.colour for other in scene.objects) > 1:
