@@ -2,6 +2,7 @@
 
     python export.py --workdir RUN --out DIR              # EMA weights of the latest checkpoint
     python export.py --workdir RUN --out DIR --step 2000 --weights params
+    python export.py --workdir RUN --out DIR --single-file model.safetensors   # also one file, LDM layout
 
 An InstructPix2Pix run (``task = "ip2p"``) or a text-to-image run (``"text_to_image"``) becomes a pipeline folder:
 the UNet (safetensors, float32), the VAE, text encoder and tokenizer of the model the run started from (frozen in
@@ -11,7 +12,9 @@ diffusers' ``StableDiffusionInstructPix2PixPipeline`` (or ``StableDiffusionPipel
 ``InstructPix2PixPipeline.from_pretrained`` load it. An autoencoder run (``task = "autoencoder"``) becomes a
 diffusers ``AutoencoderKL`` folder whose ``scaling_factor`` is measured on the run's training data (``1 / std`` of
 latent samples). A CLIP run (``"clip"``) becomes a transformers ``CLIPModel`` folder with its tokenizer and image
-processor settings.
+processor settings. ``--single-file`` also writes an InstructPix2Pix or text-to-image model as one
+``.safetensors`` in the original LDM layout, for the original InstructPix2Pix / Stable Diffusion tools
+(``ip2p_jax/weights/single_file.py``; ``sample.py --model FILE --model-config DIR`` reads it back).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's --workdir", 
 _OUT = flags.DEFINE_string("out", None, "the folder to write (must not exist or be empty)", required=True)
 _STEP = flags.DEFINE_integer("step", None, "the checkpoint to export (default: the latest)")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "params"], "the EMA weights or the raw params")
+_SINGLE_FILE = flags.DEFINE_string(
+    "single-file", None, "also write the model as one LDM-layout .safetensors (InstructPix2Pix / text-to-image runs)"
+)
 SCALE_IMAGES = 512  # pictures that measure an autoencoder's scaling_factor and reconstruction PSNR
 
 
@@ -66,7 +72,13 @@ def main(argv) -> None:
     from ip2p_jax.training import checkpoint
     from ip2p_jax.training.new_model import INITIAL_MODEL
     from ip2p_jax.training.objective import training_objective
-    from ip2p_jax.weights.export import export_clip, export_ip2p, export_vae, ip2p_scheduler_config
+    from ip2p_jax.weights.export import (
+        export_clip,
+        export_ip2p,
+        export_single_file,
+        export_vae,
+        ip2p_scheduler_config,
+    )
 
     logging.set_verbosity(logging.WARNING)
     workdir = Path(_WORKDIR.value)
@@ -75,6 +87,8 @@ def main(argv) -> None:
     except FileNotFoundError as error:
         sys.exit(f"export.py: {error}")
     config = meta["config"]
+    if _SINGLE_FILE.value and config.get("task", "ip2p") not in ("ip2p", "text_to_image"):
+        sys.exit(f"export.py: --single-file is for InstructPix2Pix and text-to-image runs, not {config['task']!r}")
     weights = state["ema_params" if _WEIGHTS.value == "ema" else "params"]
     try:
         if config.get("task", "ip2p") == "autoencoder":
@@ -94,6 +108,8 @@ def main(argv) -> None:
             out = export_ip2p(_OUT.value, weights, source, scheduler)
             kind = "text-to-image" if config.get("task") == "text_to_image" else "InstructPix2Pix"
             what = f"a {kind} model (from {source}, {objective.prediction_type} prediction)"
+            if _SINGLE_FILE.value:
+                what += f", and as one file {export_single_file(out, _SINGLE_FILE.value)}"
     except (FileExistsError, ValueError, OSError) as error:
         sys.exit(f"export.py: {error}")
     print(f"exported the {_WEIGHTS.value} weights of step {step}, {what}, to {out}", file=sys.stderr)

@@ -62,8 +62,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--model",
         default=str(DEFAULT_MODEL),
         help="diffusers folder or hub repo id (default: the shipped ShapesEdit model; the public checkpoint is "
-        "timbrooks/instruct-pix2pix)",
+        "timbrooks/instruct-pix2pix), or a single-file checkpoint in the original layout (.safetensors, or .ckpt "
+        "with --allow-pickle): the original InstructPix2Pix release, MagicBrush, Stable Diffusion 1.x / 2.x",
     )
+    parser.add_argument(
+        "--model-config",
+        default=None,
+        metavar="DIR_OR_REPO",
+        help="for a single file: the diffusers folder or hub repo id of the same architecture that gives the "
+        "configs, tokenizer, scheduler and any component the file lacks (default: inferred from the file)",
+    )
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="read a .ckpt single file (a pickle can run code: trusted files)"
+    )
+    parser.add_argument("--ema", action="store_true", help="a single file's EMA weights, where it has both")
     parser.add_argument("--revision", default=None, help="hub revision")
     parser.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (half the download)")
     parser.add_argument("--image", type=Path, help="input image")
@@ -178,7 +190,9 @@ def foi_config(args):
         given["modulation"] = False
     if args.no_decoupled_guidance:
         given["decoupled_guidance"] = False
-    return FoIConfig.for_model(args.model, **{k: v for k, v in given.items() if v is not None})
+    # A single file has no foi_config.json beside it; its config folder may.
+    model = args.model_config if Path(args.model).is_file() and args.model_config else args.model
+    return FoIConfig.for_model(model, **{k: v for k, v in given.items() if v is not None})
 
 
 def sub_instructions(texts, keywords=None, alphas=None) -> list:
@@ -294,14 +308,18 @@ def main(argv=None) -> int:
     from ip2p_jax.schedulers import SchedulerError
     from ip2p_jax.weights import CheckpointError
 
+    options = dict(
+        revision=args.revision,
+        dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+        attention_backend=args.attention_backend,
+    )
     try:
-        pipe = InstructPix2PixPipeline.from_pretrained(
-            args.model,
-            revision=args.revision,
-            variant=args.variant,
-            dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
-            attention_backend=args.attention_backend,
-        )
+        if Path(args.model).is_file():
+            pipe = InstructPix2PixPipeline.from_single_file(
+                args.model, config=args.model_config, allow_pickle=args.allow_pickle, ema=args.ema, **options
+            )
+        else:
+            pipe = InstructPix2PixPipeline.from_pretrained(args.model, variant=args.variant, **options)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -34,7 +34,7 @@ from ip2p_jax.sampling import (
 )
 from ip2p_jax.schedulers import Scheduler
 from ip2p_jax.tokenizer import tokenize
-from ip2p_jax.weights import load_text_encoder, load_tokenizer, load_unet, load_vae
+from ip2p_jax.weights import load_single_file, load_text_encoder, load_tokenizer, load_unet, load_vae
 from ip2p_jax.weights.files import resolve_folder
 
 ImageLike = Image.Image | np.ndarray
@@ -154,6 +154,37 @@ class InstructPix2PixPipeline:
         text_encoder, text_params = load_text_encoder(path_or_repo_id, dtype=dtype, **options)
         tokenizer = load_tokenizer(path_or_repo_id, revision=revision)
         scheduler = Scheduler.from_folder(resolve_folder(path_or_repo_id, "scheduler", revision=revision))
+        params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, params, mesh)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        config: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+        ema: bool = False,
+        dtype: Any = jnp.float32,
+        revision: str | None = None,
+        mesh=None,
+        attention_backend: str = "auto",
+    ) -> InstructPix2PixPipeline:
+        """Loads a single-file checkpoint in the original LDM layout (``.safetensors``, or ``.ckpt`` with
+        ``allow_pickle``): the original InstructPix2Pix release, MagicBrush, Stable Diffusion 1.x / 2.x files with 4
+        or 8 input channels (``weights/single_file.py``). The tokenizer, the scheduler, every component's config and
+        any component the file lacks come from ``config``, a diffusers folder or hub repo id of the same
+        architecture (by default the one ``weights.SINGLE_FILE_CONFIGS`` names for the file); ``ema`` takes the
+        UNet's EMA weights where the file has both. Other arguments as ``from_pretrained``."""
+        components, config = load_single_file(
+            path, config, allow_pickle=allow_pickle, ema=ema, revision=revision, dtype=dtype
+        )
+        unet, unet_params = components["unet"]
+        unet = unet.clone(attention_backend=attention_backend)
+        vae, vae_params = components["vae"]
+        text_encoder, text_params = components["text_encoder"]
+        tokenizer = load_tokenizer(config, revision=revision)
+        scheduler = Scheduler.from_folder(resolve_folder(config, "scheduler", revision=revision))
         params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
         return cls(unet, vae, text_encoder, tokenizer, scheduler, params, mesh)
 

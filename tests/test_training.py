@@ -397,7 +397,10 @@ def test_a_v_prediction_run_exports_a_folder_that_diffusers_edits_as_we_do(tmp_p
     run = _run(["train.py", "--config", "configs/tiny.py", "--workdir", tmp_path / "run", *objective, *small])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done: step 3" in run.stderr
-    export = _run(["export.py", "--workdir", tmp_path / "run", "--out", tmp_path / "model"])
+    single_file = tmp_path / "model.safetensors"
+    export = _run(
+        ["export.py", "--workdir", tmp_path / "run", "--out", tmp_path / "model", "--single-file=" + str(single_file)]
+    )
     assert export.returncode == 0, export.stderr[-3000:]
     assert "v_prediction prediction" in export.stderr
     written = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
@@ -406,6 +409,10 @@ def test_a_v_prediction_run_exports_a_folder_that_diffusers_edits_as_we_do(tmp_p
 
     ours = InstructPix2PixPipeline.from_pretrained(tmp_path / "model")
     assert ours.scheduler.prediction_type == "v_prediction" and ours.scheduler.config.rescale_betas_zero_snr
+    # The same model as one LDM-layout file reads back unchanged.
+    from_file = InstructPix2PixPipeline.from_single_file(single_file, config=tmp_path / "model")
+    for got, want in zip(jax.tree.leaves(from_file.params), jax.tree.leaves(ours.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     reference = StableDiffusionInstructPix2PixPipeline.from_pretrained(tmp_path / "model", safety_checker=None)
     reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
     reference.set_progress_bar_config(disable=True)

@@ -7,11 +7,15 @@ dtype. Anything wrong raises ``CheckpointError`` before anything is returned.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 from transformers import CLIPTokenizer
 
 from ip2p_jax.clip_preprocess import CLIPImageProcessorConfig
@@ -19,6 +23,7 @@ from ip2p_jax.models.clip import BARE_PARAMETERS, CLIPConfig, CLIPModel
 from ip2p_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
+from ip2p_jax.weights import single_file
 from ip2p_jax.weights.convert import convert_state_dict, rename_old_vae_attention
 from ip2p_jax.weights.files import CheckpointError, read_config, read_safetensors, resolve_folder
 
@@ -26,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "load_clip",
     "load_clip_preprocessor",
+    "load_single_file",
     "load_text_encoder",
     "load_tokenizer",
     "load_unet",
@@ -42,13 +48,46 @@ def _config_error(what: str, folder, error: ValueError) -> CheckpointError:
     return CheckpointError(f"{what} in {folder}: {error}")
 
 
-def _load(module, example_inputs, folder, weights_name, variant, what, rename=lambda key: key, bare_parameters=()):
-    expected = jax.eval_shape(module.init, jax.random.key(0), *example_inputs)["params"]
-    state_dict = read_safetensors(folder, weights_name, variant)
-    params = convert_state_dict(
-        state_dict, expected, what=f"{what} ({folder})", rename=rename, bare_parameters=bare_parameters
-    )
+def _expected(module, *example_inputs):
+    """The shapes of ``module``'s parameters (``jax.ShapeDtypeStruct`` leaves), nothing computed."""
+    return jax.eval_shape(module.init, jax.random.key(0), *example_inputs)["params"]
+
+
+def _converted(module, expected, state_dict, what, rename=lambda key: key, bare_parameters=()):
+    params = convert_state_dict(state_dict, expected, what=what, rename=rename, bare_parameters=bare_parameters)
     return module, jax.tree.map(jnp.asarray, params)
+
+
+def _component_config(folder, what: str, parse):
+    try:
+        return parse(read_config(folder))
+    except ValueError as error:
+        raise _config_error(what, folder, error) from error
+
+
+def unet_module(config: UNetConfig, dtype: Any = jnp.float32) -> tuple[UNet2DConditionModel, Any]:
+    """The UNet for ``config`` and its parameters' shapes."""
+    module = UNet2DConditionModel(config, dtype=dtype)
+    size = 2 ** (len(config.block_out_channels) - 1)
+    inputs = (
+        jnp.zeros((1, size, size, config.in_channels)),
+        jnp.zeros((1,)),
+        jnp.zeros((1, 1, config.cross_attention_dim[0])),
+    )
+    return module, _expected(module, *inputs)
+
+
+def vae_module(config: VAEConfig, dtype: Any = jnp.float32) -> tuple[AutoencoderKL, Any]:
+    """The autoencoder for ``config`` and its parameters' shapes."""
+    module = AutoencoderKL(config, dtype=dtype)
+    size = 2 ** len(config.block_out_channels)
+    return module, _expected(module, jnp.zeros((1, size, size, config.in_channels)))
+
+
+def text_encoder_module(config: CLIPTextConfig, dtype: Any = jnp.float32) -> tuple[CLIPTextModel, Any]:
+    """The CLIP text encoder for ``config`` and its parameters' shapes."""
+    module = CLIPTextModel(config, dtype=dtype)
+    return module, _expected(module, jnp.zeros((1, 1), jnp.int32))
 
 
 def load_unet(
@@ -63,18 +102,9 @@ def load_unet(
     folder = resolve_folder(
         path_or_repo_id, subfolder, weights_name=DIFFUSERS_WEIGHTS, variant=variant, revision=revision
     )
-    try:
-        config = UNetConfig.from_diffusers(read_config(folder))
-    except ValueError as error:
-        raise _config_error("UNet", folder, error) from error
-    module = UNet2DConditionModel(config, dtype=dtype)
-    size = 2 ** (len(config.block_out_channels) - 1)
-    inputs = (
-        jnp.zeros((1, size, size, config.in_channels)),
-        jnp.zeros((1,)),
-        jnp.zeros((1, 1, config.cross_attention_dim[0])),
-    )
-    return _load(module, inputs, folder, DIFFUSERS_WEIGHTS, variant, "UNet")
+    module, expected = unet_module(_component_config(folder, "UNet", UNetConfig.from_diffusers), dtype)
+    state_dict = read_safetensors(folder, DIFFUSERS_WEIGHTS, variant)
+    return _converted(module, expected, state_dict, f"UNet ({folder})")
 
 
 def load_vae(
@@ -89,14 +119,9 @@ def load_vae(
     folder = resolve_folder(
         path_or_repo_id, subfolder, weights_name=DIFFUSERS_WEIGHTS, variant=variant, revision=revision
     )
-    try:
-        config = VAEConfig.from_diffusers(read_config(folder))
-    except ValueError as error:
-        raise _config_error("VAE", folder, error) from error
-    module = AutoencoderKL(config, dtype=dtype)
-    size = 2 ** len(config.block_out_channels)
-    inputs = (jnp.zeros((1, size, size, config.in_channels)),)
-    return _load(module, inputs, folder, DIFFUSERS_WEIGHTS, variant, "VAE", rename_old_vae_attention)
+    module, expected = vae_module(_component_config(folder, "VAE", VAEConfig.from_diffusers), dtype)
+    state_dict = read_safetensors(folder, DIFFUSERS_WEIGHTS, variant)
+    return _converted(module, expected, state_dict, f"VAE ({folder})", rename_old_vae_attention)
 
 
 def load_text_encoder(
@@ -111,13 +136,10 @@ def load_text_encoder(
     folder = resolve_folder(
         path_or_repo_id, subfolder, weights_name=TRANSFORMERS_WEIGHTS, variant=variant, revision=revision
     )
-    try:
-        config = CLIPTextConfig.from_transformers(read_config(folder))
-    except ValueError as error:
-        raise _config_error("text encoder", folder, error) from error
-    module = CLIPTextModel(config, dtype=dtype)
-    inputs = (jnp.zeros((1, 1), jnp.int32),)
-    return _load(module, inputs, folder, TRANSFORMERS_WEIGHTS, variant, "text encoder", _text_model_prefix)
+    config = _component_config(folder, "text encoder", CLIPTextConfig.from_transformers)
+    module, expected = text_encoder_module(config, dtype)
+    state_dict = read_safetensors(folder, TRANSFORMERS_WEIGHTS, variant)
+    return _converted(module, expected, state_dict, f"text encoder ({folder})", _text_model_prefix)
 
 
 def _text_model_prefix(key: str) -> str:
@@ -139,14 +161,12 @@ def load_clip(
     folder = resolve_folder(
         path_or_repo_id, subfolder, weights_name=TRANSFORMERS_WEIGHTS, variant=variant, revision=revision
     )
-    try:
-        config = CLIPConfig.from_transformers(read_config(folder))
-    except ValueError as error:
-        raise _config_error("CLIP", folder, error) from error
+    config = _component_config(folder, "CLIP", CLIPConfig.from_transformers)
     module = CLIPModel(config, dtype=dtype)
     size, channels = config.vision.image_size, config.vision.num_channels
-    inputs = (jnp.zeros((1, size, size, channels)), jnp.zeros((1, 1), jnp.int32))
-    return _load(module, inputs, folder, TRANSFORMERS_WEIGHTS, variant, "CLIP", bare_parameters=BARE_PARAMETERS)
+    expected = _expected(module, jnp.zeros((1, size, size, channels)), jnp.zeros((1, 1), jnp.int32))
+    state_dict = read_safetensors(folder, TRANSFORMERS_WEIGHTS, variant)
+    return _converted(module, expected, state_dict, f"CLIP ({folder})", bare_parameters=BARE_PARAMETERS)
 
 
 def load_clip_preprocessor(
@@ -203,3 +223,115 @@ def load_prediction_type(
     ``v_prediction``."""
     config = read_config(resolve_folder(path_or_repo_id, subfolder, revision=revision), "scheduler_config.json")
     return config.get("prediction_type", "epsilon")
+
+
+# The hub repo whose configs and tokenizer fit a single file with no ``config`` named, by the UNet's cross-attention
+# width and input channels (what diffusers' ``from_single_file`` infers too).
+SINGLE_FILE_CONFIGS = {
+    (768, 8): "timbrooks/instruct-pix2pix",
+    (768, 4): "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    (1024, 4): "stabilityai/stable-diffusion-2-1",
+}
+
+
+def single_file_config_source(tensors: dict[str, np.ndarray], path) -> str:
+    """The hub repo of ``SINGLE_FILE_CONFIGS`` that fits a single file's UNet, or ``CheckpointError``."""
+    conv_in = tensors.get(single_file.UNET_PREFIX + "input_blocks.0.0.weight")
+    context = next((v for k, v in tensors.items() if k.endswith("attn2.to_k.weight")), None)
+    kind = None if conv_in is None or context is None else (int(context.shape[1]), int(conv_in.shape[1]))
+    if kind not in SINGLE_FILE_CONFIGS:
+        raise CheckpointError(
+            f"{path}: cannot tell which model this is (cross-attention width and UNet input channels {kind}); "
+            "name a diffusers folder or hub repo with the same architecture as its config"
+        )
+    return SINGLE_FILE_CONFIGS[kind]
+
+
+def _diffusers_keys(expected) -> list[str]:
+    from ip2p_jax.weights.export import torch_key
+
+    return [torch_key(path) for path in traverse_util.flatten_dict(dict(expected))]
+
+
+def load_single_file(
+    path: PathOrRepo,
+    config: PathOrRepo | None = None,
+    *,
+    allow_pickle: bool = False,
+    ema: bool = False,
+    revision: str | None = None,
+    dtype: Any = jnp.float32,
+) -> tuple[dict[str, tuple[Any, dict]], str | os.PathLike]:
+    """The UNet, autoencoder and text encoder of a single-file LDM checkpoint (``weights/single_file.py``):
+    ``({"unet": (module, params), "vae": ..., "text_encoder": ...}, config)``.
+
+    Their configs come from ``config``, a diffusers folder or hub repo id of the same architecture (only its JSON
+    files are read), except the UNet's input channels, which are the file's (an InstructPix2Pix file with Stable
+    Diffusion's config); with no ``config``, the hub repo of ``SINGLE_FILE_CONFIGS`` that fits the file. A component
+    the file lacks (a file of the UNet alone) is loaded from ``config``. ``ema`` takes the UNet's EMA weights where
+    the file has both. A pickle is read only with ``allow_pickle`` (it can run code). Every tensor of the file must
+    be accounted for: an unknown key is a ``CheckpointError`` that names it.
+    """
+    tensors = single_file.read_single_file(path, allow_pickle=allow_pickle)
+    config = config if config is not None else single_file_config_source(tensors, path)
+
+    def config_of(subfolder, parse, what):
+        # Named as the "weights", the config makes the hub download take the folder's JSON files and no tensors.
+        folder = resolve_folder(config, subfolder, weights_name="config.json", revision=revision)
+        return _component_config(folder, what, parse)
+
+    conv_in = tensors.get(single_file.UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is None:
+        raise CheckpointError(f"{path} holds no UNet (no {single_file.UNET_PREFIX}input_blocks.0.0.weight)")
+    unet_config = config_of("unet", UNetConfig.from_diffusers, "UNet")
+    unet_config = dataclasses.replace(unet_config, in_channels=int(conv_in.shape[1]))
+    unet, expected = unet_module(unet_config, dtype)
+    ldm_key = functools.partial(single_file.ldm_unet_key, config=unet_config)
+    source = single_file.ema_key if ema else (lambda key: key)
+    if ema and not any(key.startswith(single_file.EMA_PREFIX) for key in tensors):
+        raise CheckpointError(f"{path} holds no EMA weights (model_ema.*): load it with ema=False")
+    states = {
+        "unet": single_file.from_ldm(tensors, _diffusers_keys(expected), ldm_key, what=f"UNet of {path}", source=source)
+    }
+    modules = {"unet": (unet, expected)}
+    if ema:  # the raw weights are then known and unused
+        states["unet"][1].update(k for k in tensors if k.startswith(single_file.UNET_PREFIX))
+
+    if any(key.startswith(single_file.VAE_PREFIX) for key in tensors):
+        vae_config = config_of("vae", VAEConfig.from_diffusers, "VAE")
+        modules["vae"] = vae_module(vae_config, jnp.float32)
+        ldm_key = functools.partial(single_file.ldm_vae_key, config=vae_config)
+        states["vae"] = single_file.from_ldm(
+            tensors, _diffusers_keys(modules["vae"][1]), ldm_key, what=f"VAE of {path}"
+        )
+
+    has_clip = any(key.startswith(single_file.CLIP_PREFIX) for key in tensors)
+    has_open_clip = any(key.startswith(single_file.OPEN_CLIP_PREFIX) for key in tensors)
+    if has_clip or has_open_clip:
+        text_config = config_of("text_encoder", CLIPTextConfig.from_transformers, "text encoder")
+        modules["text_encoder"] = text_encoder_module(text_config, dtype)
+        if has_clip:
+            # Files written with transformers before v4.20 lack the ``text_model.`` level.
+            def clip_source(name: str) -> str:
+                return name if name in tensors else name.replace(".transformer.text_model.", ".transformer.", 1)
+
+            keys = _diffusers_keys(modules["text_encoder"][1])
+            states["text_encoder"] = single_file.from_ldm(
+                tensors, keys, single_file.ldm_text_key, what=f"text encoder of {path}", source=clip_source
+            )
+        else:
+            states["text_encoder"] = single_file.open_clip_to_transformers(tensors, text_config.num_hidden_layers)
+
+    unknown = single_file.unknown_keys(tensors, set().union(*(used for _, used in states.values())))
+    if unknown:
+        shown = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+        raise CheckpointError(f"{path}: tensors that no part of the model takes ({len(unknown)}): {shown}")
+    components = {
+        name: _converted(*modules[name], states[name][0], f"{name} of {path}", bare_parameters=()) for name in states
+    }
+    options = dict(revision=revision)
+    if "vae" not in components:
+        components["vae"] = load_vae(config, **options)
+    if "text_encoder" not in components:
+        components["text_encoder"] = load_text_encoder(config, dtype=dtype, **options)
+    return components, config

@@ -249,3 +249,37 @@ def export_ip2p(
     if (Path(source) / FOI_CONFIG).is_file():
         shutil.copy(Path(source) / FOI_CONFIG, out / FOI_CONFIG)
     return out
+
+
+def export_single_file(source: str | Path, out: str | Path, *, revision: str | None = None) -> Path:
+    """Writes a diffusers pipeline folder (or hub repo) as one LDM-layout ``.safetensors`` file
+    (``weights/single_file.py``), as the original InstructPix2Pix / Stable Diffusion tools read it: the UNet, the
+    autoencoder and the text encoder, in SD 1.x's layout (transformers' CLIP under ``cond_stage_model.transformer.``),
+    float32. ``InstructPix2PixPipeline.from_single_file(out, config=source)`` reads it back unchanged. Refuses an
+    existing ``out``."""
+    from functools import partial
+
+    from ip2p_jax.models.unet import UNetConfig
+    from ip2p_jax.models.vae import VAEConfig
+    from ip2p_jax.weights import _text_model_prefix, single_file
+    from ip2p_jax.weights.convert import rename_old_vae_attention
+    from ip2p_jax.weights.files import read_config, read_safetensors
+
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; export into a new file")
+    tensors = {}
+    for component, weights, rename, ldm_key, vae in (
+        ("unet", DIFFUSERS_WEIGHTS, None, single_file.ldm_unet_key, False),
+        ("vae", DIFFUSERS_WEIGHTS, rename_old_vae_attention, single_file.ldm_vae_key, True),
+        ("text_encoder", TRANSFORMERS_WEIGHTS, _text_model_prefix, single_file.ldm_text_key, False),
+    ):
+        folder = resolve_folder(source, component, weights_name=weights, revision=revision)
+        state = read_safetensors(folder, weights)
+        state = {rename(key) if rename else key: value for key, value in state.items()}
+        state = {key: value for key, value in state.items() if not key.endswith("position_ids")}
+        if component != "text_encoder":
+            parse = UNetConfig.from_diffusers if component == "unet" else VAEConfig.from_diffusers
+            ldm_key = partial(ldm_key, config=parse(read_config(folder)))
+        tensors.update(single_file.to_ldm(state, ldm_key, vae=vae))
+    return single_file.write_single_file(out, tensors)
