@@ -35,7 +35,6 @@ from ip2p_jax import compilation_cache
 
 MIN_SIDE = 64  # pixels; below this the UNet's lowest level has under one latent cell
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "shapes-ip2p"
-SMALL_TILE = 256  # comparison grids enlarge smaller pictures (nearest neighbour) to about this size
 
 
 @dataclass
@@ -117,6 +116,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=True,
         help="a progress bar per edit; its per-step reports keep the samplers out of the compilation cache",
     )
+    words = parser.add_argument_group("Word heatmaps (docs/attention.md)")
+    words.add_argument(
+        "--attention",
+        default=None,
+        metavar="WORD[,WORD...]",
+        help="write OUT.attention.png: each word's cross-attention over the input and the edit (FoI: keywords, "
+        "each beside its mask)",
+    )
+    words.add_argument(
+        "--attention-level",
+        type=int,
+        default=None,
+        help="resolution level of the layers averaged, 0 at the latent's size (default: the FoI mask level)",
+    )
+    words.add_argument(
+        "--attention-steps", default="0,1", metavar="START,STOP", help="fractions of the steps run averaged (0,1)"
+    )
     foi = parser.add_argument_group("Focus on Your Instruction (docs/foi.md)")
     foi.add_argument(
         "--foi",
@@ -164,6 +180,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(error))
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    args.attention_words, args.attention_recording = None, None
+    if args.attention is not None:
+        from ip2p_jax.sampling import AttentionRecording
+
+        args.attention_words = [word.strip() for word in args.attention.split(",") if word.strip()]
+        if not args.attention_words:
+            parser.error("--attention needs at least one word")
+        level = args.foi_config.mask_level if args.attention_level is None else args.attention_level
+        try:
+            steps = tuple(float(x) for x in args.attention_steps.split(","))
+            args.attention_recording = AttentionRecording(level, steps)
+        except (TypeError, ValueError) as error:
+            parser.error(f"--attention-steps / --attention-level: {error}")
     return args
 
 
@@ -306,6 +335,7 @@ def main(argv=None) -> int:
 
     from ip2p_jax.pipeline import InstructPix2PixPipeline
     from ip2p_jax.schedulers import SchedulerError
+    from ip2p_jax.visualisation import compare_grid
     from ip2p_jax.weights import CheckpointError
 
     options = dict(
@@ -364,7 +394,8 @@ def main(argv=None) -> int:
             instructions = [item.instructions for item, _ in ready]
             result = pipe(images, instructions=instructions, foi=args.foi_config, **common)
         else:
-            result = pipe(images, [item.prompt for item, _ in ready], strength=args.strength, **common)
+            prompts = [item.prompt for item, _ in ready]
+            result = pipe(images, prompts, strength=args.strength, attention=args.attention_recording, **common)
         plain = None
         if args.compare and use_foi:  # IP2P with the composite prompt, same steps, strength and seed
             prompts = [item.prompt for item, _ in ready]
@@ -382,6 +413,9 @@ def main(argv=None) -> int:
             if plain is not None:
                 comparison = compare_grid(image, result.masks[index]["image"], plain[index], edited)
                 comparison.save(item.out.with_suffix(".compare.png"))
+            if args.attention_words:
+                picture = attention_picture(pipe, item, image, edited, result, index, args.attention_words)
+                picture.save(item.out.with_suffix(".attention.png"))
         except (OSError, ValueError) as error:
             print(f"error: {item.source}: cannot write {item.out} ({error})", file=sys.stderr)
             failed = True
@@ -390,28 +424,21 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def mask_overlay(image: Image.Image, mask_hw) -> Image.Image:
-    """The image with the mask's region tinted red and the rest dimmed."""
-    import numpy as np
+def attention_picture(pipe, item, image, edited, result, index: int, words: list[str]):
+    """``--attention``'s grid for one edit: each word's map over the input and the edit (IP2P: from the token maps
+    the edit recorded; FoI: each keyword's map at the mask step, beside its mask). A word that is not in the
+    instruction (FoI: not a keyword) is a ``ValueError`` naming it."""
+    from ip2p_jax.visualisation import attention_grid
 
-    pixels = np.asarray(image.convert("RGB"), np.float32)
-    mask = np.asarray(mask_hw, np.float32)[..., None]
-    red = np.array([255.0, 40.0, 40.0])
-    tinted = mask * (0.5 * pixels + 0.5 * red) + (1 - mask) * 0.35 * pixels
-    return Image.fromarray(tinted.round().astype(np.uint8))
-
-
-def compare_grid(image: Image.Image, masks_khw, plain: Image.Image, edited: Image.Image) -> Image.Image:
-    """input | each mask over the input | IP2P | FoI, in one row; pictures under ``SMALL_TILE`` px are enlarged
-    by a whole factor with nearest neighbour, so every pixel stays visible as it is."""
-    base = image.resize(edited.size, Image.LANCZOS) if image.size != edited.size else image
-    tiles = [base] + [mask_overlay(base, mask) for mask in masks_khw] + [plain, edited]
-    factor = max(1, SMALL_TILE // max(edited.size))
-    width, height = edited.width * factor, edited.height * factor
-    grid = Image.new("RGB", (width * len(tiles), height))
-    for position, tile in enumerate(tiles):
-        grid.paste(tile.resize((width, height), Image.NEAREST), (position * width, 0))
-    return grid
+    if result.masks is None:
+        return attention_grid(image, edited, words, pipe.word_maps(item.prompt, result.attention[index], words))
+    keywords = [(sub.keyword or "").lower() for sub in item.instructions]
+    missing = [word for word in words if word.lower() not in keywords]
+    if missing:
+        raise ValueError(f"--attention {', '.join(missing)}: FoI shows keywords, and this edit's are {keywords}")
+    picks = [keywords.index(word.lower()) for word in words]
+    masks = result.masks[index]
+    return attention_grid(image, edited, words, masks["attention"][picks], masks["image"][picks])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import re
 from collections.abc import Sequence
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 from flax import struct
 
 from ip2p_jax.models.attention import AttentionControl, LayerInfo, combine_values
+from ip2p_jax.tokenizer import word_span
 
 SEPARATOR = ", "  # between sub-instructions in the composite prompt
 
@@ -85,16 +85,14 @@ def composite_prompt(instructions: Sequence[SubInstruction]) -> tuple[str, list[
 
 def _keyword_span(instruction: SubInstruction, index: int) -> tuple[int, int]:
     """Character span of the keyword's first whole-word, case-insensitive occurrence in the instruction."""
-    words = instruction.keyword.split()
-    if not words:
+    if not instruction.keyword.split():
         raise InstructionError(f"sub-instruction {index} ({instruction.text!r}) has an empty keyword")
-    pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)"
-    found = re.search(pattern, instruction.text, flags=re.IGNORECASE)
-    if found is None:
+    span = word_span(instruction.text, instruction.keyword)
+    if span is None:
         raise InstructionError(
             f"keyword {instruction.keyword!r} does not occur in sub-instruction {index} ({instruction.text!r})"
         )
-    return found.span()
+    return span
 
 
 def instruction_tokens(

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ip2p_jax import foi as foi_lib
 from ip2p_jax.parallel import batch_sharded, data_mesh, pad_batch, padded_size, replicated
 from ip2p_jax.sampling import (
+    AttentionRecording,
     FoIConfig,
     FoIInputs,
     SamplerInputs,
@@ -33,7 +34,7 @@ from ip2p_jax.sampling import (
     make_ip2p_sampler,
 )
 from ip2p_jax.schedulers import Scheduler
-from ip2p_jax.tokenizer import tokenize
+from ip2p_jax.tokenizer import tokenize, word_token_weights
 from ip2p_jax.weights import load_single_file, load_text_encoder, load_tokenizer, load_unet, load_vae
 from ip2p_jax.weights.files import resolve_folder
 
@@ -49,11 +50,15 @@ class EditOutput:
         ``(B, H, W, 3)`` when all have one size), in input order.
       masks: FoI edits only: per image, a dict with ``"latent"`` ``(k, h/d, w/d)`` masks at the mask resolution
         and ``"image"`` ``(k, H, W)`` the same masks at the image's resolution (float32 0 / 1), one per
-        sub-instruction.
+        sub-instruction, and ``"attention"`` ``(k, h/d, w/d)`` each keyword's cross-attention map at the mask step,
+        what its mask was cut from.
+      attention: IP2P edits with ``attention=`` only: per image, ``(mh, mw, T)`` float32 token maps (the
+        ``AttentionRecording``'s layers and steps averaged); ``pipe.word_maps`` picks words out of them.
     """
 
     images: list | np.ndarray
     masks: list | None = None
+    attention: list | None = None
 
 
 class _Progress:
@@ -216,16 +221,23 @@ class InstructPix2PixPipeline:
         z, n = self._shard(np.asarray(latents_bhwc, np.float32))
         return postprocess(self._decode(self.params["vae"], z)[:n])
 
-    def sampler(self, settings: SamplerSettings, progress: bool = True):
+    def sampler(self, settings: SamplerSettings, progress: bool = True, attention: AttentionRecording | None = None):
         """The jitted sampler for ``settings`` (compiled once per settings and input shape); with ``progress`` it
         reports each step to the progress bar, a host callback that keeps it out of JAX's persistent compilation
-        cache (``ip2p_jax/compilation_cache.py``)."""
-        key = (settings, progress)
+        cache (``ip2p_jax/compilation_cache.py``); with ``attention`` it also returns token maps."""
+        key = (settings, progress, attention)
         if key not in self._samplers:
             apply = lambda p, x, t, c, control: self.unet.apply({"params": p}, x, t, c, control)  # noqa: E731
             report = self._progress if progress else None
-            self._samplers[key] = make_ip2p_sampler(apply, settings, self.mesh, report)
+            self._samplers[key] = make_ip2p_sampler(apply, settings, self.mesh, report, attention)
         return self._samplers[key]
+
+    def word_maps(self, prompt: str, token_maps_hwt, words: Sequence[str]) -> np.ndarray:
+        """Each word's map out of an edit's token maps (``EditOutput.attention[i]`` for ``prompt``):
+        ``(h, w, T)`` -> ``(W, h, w)``, a word of several tokens averaged over them. A word that is not in the
+        prompt is a ``ValueError`` naming it."""
+        weights = word_token_weights(self.tokenizer, prompt, words)
+        return np.einsum("hwt,kt->khw", np.asarray(token_maps_hwt, np.float32), weights)
 
     # ------------------------------------------------------------------ editing
 
@@ -245,6 +257,7 @@ class InstructPix2PixPipeline:
         instructions: Sequence | None = None,
         foi: FoIConfig | None = None,
         guidance_rescale: float = 0.0,
+        attention: AttentionRecording | None = None,
     ) -> EditOutput:
         """Edits each image by its instruction (IP2P), or by its list of sub-instructions (FoI).
 
@@ -270,6 +283,9 @@ class InstructPix2PixPipeline:
           guidance_rescale: ``phi`` in [0, 1] of Lin et al.'s guidance rescale applied to the three-branch guidance
             (ours, ``guidance.dual_guidance``; diffusers' IP2P pipeline has none): the guided output's standard
             deviation is pulled toward the text + image branch's. 0 (the default) is plain IP2P guidance.
+          attention: IP2P: also return each image's cross-attention token maps (``EditOutput.attention``) over the
+            layers and steps it names; a level without cross-attention layers is a ``ValueError``. FoI returns each
+            keyword's map with its mask instead.
         """
         images = [image] if isinstance(image, Image.Image | np.ndarray) and np.ndim(image) != 4 else list(image)
         if (instructions is None) == (prompt is None):
@@ -293,6 +309,11 @@ class InstructPix2PixPipeline:
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+        if attention is not None and foi is not None:
+            raise ValueError("attention= records IP2P edits; FoI returns each keyword's map in masks[i]['attention']")
+        if attention is not None and attention.level not in self.unet.config.cross_attention_levels():
+            levels = self.unet.config.cross_attention_levels()
+            raise ValueError(f"attention level {attention.level}: the UNet has cross-attention at levels {levels}")
         if strength is None:
             strength = 1.0 if foi is None else foi.strength
         settings = SamplerSettings(
@@ -321,6 +342,7 @@ class InstructPix2PixPipeline:
         base_key = jax.random.key(seed)
         results: list[np.ndarray | None] = [None] * len(images)
         masks: list[dict | None] = [None] * len(images)
+        token_maps: list[np.ndarray | None] = [None] * len(images)
         for shape, indices in groups.items():
             image_latents = self.encode_image(np.stack([pixels[i] for i in indices]))
             if tokens is None:
@@ -341,7 +363,12 @@ class InstructPix2PixPipeline:
             )
             description = f"{'FoI' if foi else 'IP2P'}: {n} image(s) of {shape[1]}x{shape[0]}"
             if tokens is None:
-                out = self._run(self.sampler(settings, progress), settings, (inputs,), n, progress, description)
+                sampler = self.sampler(settings, progress, attention)
+                out = self._run(sampler, settings, (inputs,), n, progress, description)
+                if attention is not None:
+                    out, group_maps = out
+                    for i, m in zip(indices, np.asarray(group_maps), strict=True):
+                        token_maps[i] = m
             else:
                 foi_inputs = FoIInputs(
                     keyword_weights=jnp.stack([tokens[i].keyword_weights for i in indices]),
@@ -350,18 +377,21 @@ class InstructPix2PixPipeline:
                     valid=jnp.stack([tokens[i].valid for i in indices]),
                 )
                 sampler = self.foi_sampler(settings, foi, tuple(image_latents.shape[1:3]), progress)
-                out, group_masks = self._run(sampler, settings, (inputs, foi_inputs), n, progress, description)
-                for i, m in zip(indices, np.asarray(group_masks), strict=True):
+                out, group_masks, group_maps = self._run(
+                    sampler, settings, (inputs, foi_inputs), n, progress, description
+                )
+                for i, m, a in zip(indices, np.asarray(group_masks), np.asarray(group_maps), strict=True):
                     k = len(per_image[i])
                     full = foi_lib.resize_masks(jnp.asarray(m[None, :k]), shape[:2])[0]
-                    masks[i] = {"latent": m[:k], "image": np.asarray(full)}
+                    masks[i] = {"latent": m[:k], "image": np.asarray(full), "attention": a[:k]}
             for i, picture in zip(indices, self.decode_latents(out), strict=True):
                 results[i] = picture
         masks_out = None if tokens is None else masks
+        maps_out = None if attention is None else token_maps
         if output_type == "pil":
-            return EditOutput([to_pil(x) for x in results], masks_out)
+            return EditOutput([to_pil(x) for x in results], masks_out, maps_out)
         same_size = len({x.shape for x in results}) == 1
-        return EditOutput(np.stack(results) if same_size else results, masks_out)
+        return EditOutput(np.stack(results) if same_size else results, masks_out, maps_out)
 
     def foi_sampler(
         self, settings: SamplerSettings, foi: FoIConfig, latent_size: tuple[int, int], progress: bool = True

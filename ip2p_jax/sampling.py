@@ -83,6 +83,35 @@ class SamplerSettings:
         return self.num_inference_steps - self.num_steps_run
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionRecording:
+    """Which cross-attention an IP2P edit averages into token maps (``pipeline(..., attention=)``;
+    docs/attention.md): the text+image branch's head-averaged probabilities, over the layers of one resolution
+    level and a range of the steps run.
+
+    Attributes:
+      level: resolution level of the layers averaged, 0 at the latent's size, +1 per downsampling (Stable
+        Diffusion at 512 px: 64, 32, 16 and 8 px layers at levels 0-3; level 2, 16 x 16, is where Prompt-to-Prompt
+        and FoI read words).
+      steps: ``(start, stop)`` fractions of the steps run whose maps are averaged (``steps_recorded``).
+    """
+
+    level: int = 2
+    steps: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self):
+        start, stop = self.steps
+        if not (isinstance(self.level, int) and self.level >= 0):
+            raise ValueError(f"attention level must be an integer >= 0, got {self.level!r}")
+        if not 0.0 <= start < stop <= 1.0:
+            raise ValueError(f"attention steps must be fractions 0 <= start < stop <= 1, got {self.steps!r}")
+
+    def steps_recorded(self, steps_run: int) -> tuple[int, int]:
+        """The ``[first, stop)`` indices (among the steps run) averaged; at least one step."""
+        first = min(int(self.steps[0] * steps_run), steps_run - 1)
+        return first, max(first + 1, math.ceil(self.steps[1] * steps_run))
+
+
 def _normal_per_image(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(lambda key: jax.random.normal(key, shape, jnp.float32))(keys)
 
@@ -146,6 +175,7 @@ def make_ip2p_sampler(
     settings: SamplerSettings,
     mesh: Mesh,
     progress: Callable[[jax.Array], None] | None = None,
+    attention: AttentionRecording | None = None,
 ) -> Callable[[Any, SamplerInputs], jax.Array]:
     """Builds the jitted sampler.
 
@@ -156,43 +186,65 @@ def make_ip2p_sampler(
       mesh: a mesh with a ``data`` axis; the batch must divide by its size (``parallel.pad_batch``).
       progress: optional host callback given the number of steps done after each step (a progress bar);
         it runs asynchronously with the loop.
+      attention: also average the text+image branch's cross-attention as ``attention`` says.
 
     Returns:
-      ``sample(unet_params, inputs) -> (B, h, w, 4)`` float32 latents (scaled, for ``decode / scaling_factor``).
+      ``sample(unet_params, inputs) -> (B, h, w, 4)`` float32 latents (scaled, for ``decode / scaling_factor``);
+      with ``attention``, ``(latents, maps)``: ``(B, mh, mw, T)`` float32 token maps of the layers at
+      ``attention.level``, averaged over them and over ``attention.steps_recorded``.
     """
+    from ip2p_jax.models.attention import RecordCrossAttention, mean_of_layers
+
     scheduler = settings.scheduler
     schedule = scheduler.schedule(settings.num_inference_steps)
     first = settings.first_step
+    if attention is not None:
+        recorded_first, recorded_stop = attention.steps_recorded(settings.num_steps_run)
 
     def local_step(unet_params, inputs, sample, previous_x0, index):
         model_input = scheduler.scale_model_input(schedule, index, sample)
-        eps, _ = guided_eps(
-            unet_apply, unet_params, model_input, schedule.timesteps[index], inputs, settings.dual_guidance
+        control = None
+        if attention is not None:
+            control = RecordCrossAttention(sizes=(level_size(sample.shape[1:3], attention.level),))
+        eps, aux = guided_eps(
+            unet_apply, unet_params, model_input, schedule.timesteps[index], inputs, settings.dual_guidance, control
         )
         noise = step_noise(inputs.keys, index, sample.shape[1:])
-        return scheduler.step(schedule, index, sample, eps, noise, previous_x0)
+        latents, x0 = scheduler.step(schedule, index, sample, eps, noise, previous_x0)
+        if attention is None:
+            return latents, x0
+        return latents, x0, mean_of_layers(aux)[: sample.shape[0]]  # the text+image branch
 
     batch = PartitionSpec(DATA)
     sharded_step = jax.shard_map(
         local_step,
         mesh=mesh,
         in_specs=(PartitionSpec(), batch, batch, batch, PartitionSpec()),
-        out_specs=(batch, batch),
+        out_specs=(batch, batch) if attention is None else (batch, batch, batch),
     )
 
-    def sample(unet_params, inputs: SamplerInputs) -> jax.Array:
+    def sample(unet_params, inputs: SamplerInputs):
         latents = start_latents(settings, schedule, inputs)
 
         def body(carry, index):
-            latents, previous_x0 = carry
-            latents, x0 = sharded_step(unet_params, inputs, latents, previous_x0, index)
+            latents, previous_x0, maps_sum = carry
+            latents, x0, *maps = sharded_step(unet_params, inputs, latents, previous_x0, index)
+            if attention is not None:
+                recorded = (index - first >= recorded_first) & (index - first < recorded_stop)
+                maps_sum = maps_sum + jnp.where(recorded, maps[0], 0.0)
             if progress is not None:
                 jax.debug.callback(progress, index - first + 1)
-            return (latents, x0), None
+            return (latents, x0, maps_sum), None
 
+        maps_sum = jnp.zeros(())
+        if attention is not None:
+            height, width = level_size(latents.shape[1:3], attention.level)
+            maps_sum = jnp.zeros((latents.shape[0], height, width, inputs.context.shape[1]), jnp.float32)
         steps = jnp.arange(first, settings.num_inference_steps)
-        (latents, _), _ = jax.lax.scan(body, (latents, jnp.zeros_like(latents)), steps)
-        return latents
+        (latents, _, maps_sum), _ = jax.lax.scan(body, (latents, jnp.zeros_like(latents), maps_sum), steps)
+        if attention is None:
+            return latents
+        return latents, maps_sum / (recorded_stop - recorded_first)
 
     return jax.jit(sample)
 
@@ -365,7 +417,9 @@ def make_foi_sampler(
         the size of the UNet's layers at level ``log2(mask_downsample)``.
 
     Returns:
-      ``sample(unet_params, inputs, foi_inputs) -> (latents (B, h, w, 4), masks (B, K, mh, mw))``.
+      ``sample(unet_params, inputs, foi_inputs) -> (latents (B, h, w, 4), masks (B, K, mh, mw), keyword maps
+      (B, K, mh, mw))``: the keyword maps are the text+image branch's cross-attention of each keyword at the mask
+      step, before the filter and sharpening (``foi.keyword_maps``), for pictures of what the masks came from.
     """
     from ip2p_jax import foi
     from ip2p_jax.models.attention import RecordCrossAttention, mean_of_layers
@@ -426,7 +480,7 @@ def make_foi_sampler(
             maps, foi_inputs.keyword_weights, foi_inputs.valid, tau, cfg.gamma, cfg.filter_size, cfg.filter_sigma
         )
         latents, x0 = guide_and_step(inputs, sample, previous_x0, index, eps_3b, masks)
-        return latents, x0, masks
+        return latents, x0, masks, foi.keyword_maps(maps, foi_inputs.keyword_weights)
 
     def modulated_step(unet_params, inputs, foi_inputs, sample, previous_x0, masks, index):
         run_index = index - first
@@ -446,7 +500,7 @@ def make_foi_sampler(
         plain_step, mesh=mesh, in_specs=(rep, batch, batch, batch, rep), out_specs=(batch, batch)
     )
     sharded_mask = jax.shard_map(
-        mask_step, mesh=mesh, in_specs=(rep, batch, batch, batch, batch, rep), out_specs=(batch, batch, batch)
+        mask_step, mesh=mesh, in_specs=(rep, batch, batch, batch, batch, rep), out_specs=(batch,) * 4
     )
     sharded_modulated = jax.shard_map(
         modulated_step,
@@ -471,7 +525,9 @@ def make_foi_sampler(
         mask_index = first + cfg.mask_step
         if cfg.mask_step > 0:  # (an empty scan would still trace, and compile, a UNet)
             (latents, previous_x0), _ = jax.lax.scan(plain_body, (latents, previous_x0), jnp.arange(first, mask_index))
-        latents, previous_x0, masks = sharded_mask(unet_params, inputs, foi_inputs, latents, previous_x0, mask_index)
+        latents, previous_x0, masks, maps = sharded_mask(
+            unet_params, inputs, foi_inputs, latents, previous_x0, mask_index
+        )
         report(mask_index)
 
         def modulated_body(carry, index):
@@ -481,6 +537,6 @@ def make_foi_sampler(
 
         rest = jnp.arange(mask_index + 1, settings.num_inference_steps)
         (latents, _), _ = jax.lax.scan(modulated_body, (latents, previous_x0), rest)
-        return latents, masks
+        return latents, masks, maps
 
     return jax.jit(sample)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -44,3 +45,26 @@ def span_token_weights(tokenizer: CLIPTokenizer, prompts: Sequence[str], spans_b
                 raise ValueError(f"span {start}:{end} of {prompts[b]!r} has no token within the first {max_length}")
             weights[b, g, hits] = 1.0 / len(hits)
     return weights
+
+
+def word_span(text: str, word: str) -> tuple[int, int] | None:
+    """Character span ``[start, end)`` of ``word``'s first whole-word, case-insensitive occurrence in ``text`` (a
+    ``word`` of several words matches across any whitespace), or ``None``."""
+    parts = word.split()
+    if not parts:
+        return None
+    pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, parts)) + r"(?!\w)"
+    found = re.search(pattern, text, flags=re.IGNORECASE)
+    return None if found is None else found.span()
+
+
+def word_token_weights(tokenizer: CLIPTokenizer, prompt: str, words: Sequence[str]) -> np.ndarray:
+    """Which tokens spell each word of ``prompt``: ``(W, model_max_length)`` float32, a word's tokens averaged
+    (``word_span``, ``span_token_weights``). A word that is not in the prompt is a ``ValueError`` naming it."""
+    spans = []
+    for word in words:
+        span = word_span(prompt, word)
+        if span is None:
+            raise ValueError(f"{word!r} is not a word of {prompt!r}")
+        spans.append(span)
+    return span_token_weights(tokenizer, [prompt], np.asarray([spans]).reshape(1, len(words), 2))[0]

@@ -60,3 +60,22 @@ def test_removed_token_gets_no_attention(remove_token_class):
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(probs[..., 0] / probs[..., 2], plain[..., 0] / plain[..., 2], rtol=1e-5)
     np.testing.assert_allclose(had, plain[..., 1].mean(1).reshape(1, 2, 2), rtol=1e-6)
+
+
+def test_recipe_runs_on_the_shipped_model(tmp_path, monkeypatch):
+    """docs/attention.md's recipe, as written, on the shipped model: the picture is written, and the object word's
+    map is hottest on the object (the red circle of examples/shapes.png)."""
+    from PIL import Image
+
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    source = next(block for block in blocks if "class TokenMaps" in block)
+    out = tmp_path / "recipe.png"
+    monkeypatch.chdir(DOC.parents[1])  # the recipe's paths are the repository's
+    namespace: dict = {}
+    exec(compile(source.replace('"attention_recipe.png"', repr(str(out))), str(DOC), "exec"), namespace)
+    assert Image.open(out).size == (3 * 256, 256)
+    circle = np.asarray(namespace["tiles"][1], np.float32)
+    redness = circle[..., 0] - circle[..., 2]  # jet's red end is where the map is highest
+    row, column = np.unravel_index(np.argmax(redness), redness.shape)
+    red, green, blue = np.asarray(namespace["image"], np.float32)[row, column]
+    assert red > 180 and green < 80 and blue < 80, "the hottest place is not on the red circle"

@@ -116,8 +116,11 @@ def test_foi_edit_from_the_command_line_with_a_comparison_grid(pipeline_dir, tmp
     argv = ["--model", str(pipeline_dir), "--image", str(image), "--out", str(out), "--mask-downsample", "2"]
     argv += ["--instruction", "make the sky blue", "--keyword", "sky"]
     argv += ["--instruction", "turn the cat red", "--keyword", "cat", "--alpha", "1", "--alpha", "1.5"]
-    assert sample.main(argv + FAST + ["--compare"]) == 0
+    assert sample.main(argv + FAST + ["--compare", "--attention", "cat,sky"]) == 0
     assert Image.open(out).size == (64, 64)
+    # One row per keyword, as asked: its map over the input and the edit, and its mask (each 64 px tile at 256 px).
+    attention = Image.open(out.with_suffix(".attention.png"))
+    assert attention.size == (96 + 3 * 256, 2 * 256)
     # input | two masks | IP2P | FoI, each 64 px picture enlarged 4x (nearest neighbour)
     comparison = Image.open(out.with_suffix(".compare.png"))
     assert comparison.size == (5 * 256, 256)
@@ -218,3 +221,16 @@ def test_a_second_run_reads_the_compilation_cache(pipeline_dir, tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == first
     edit(compilation_cache.OFF)
     assert not (tmp_path / compilation_cache.OFF).exists() and sorted(p.name for p in cache.iterdir()) == first
+
+
+def test_word_heatmaps_from_the_command_line(pipeline_dir, tmp_path, capsys):
+    """``--attention`` on an IP2P edit writes one row per word; a word the instruction lacks fails that item."""
+    image = write_image(tmp_path / "in.png", 64)
+    out = tmp_path / "edited.png"
+    argv = ["--model", str(pipeline_dir), "--image", str(image), "--instruction", "make the sky blue"]
+    argv += ["--attention", "sky, blue", "--attention-level", "1", "--attention-steps", "0.5,1"]
+    assert sample.main(argv + ["--out", str(out)] + FAST) == 0
+    assert Image.open(out.with_suffix(".attention.png")).size == (96 + 2 * 256, 2 * 256)
+    argv[argv.index("sky, blue")] = "cat"
+    assert sample.main(argv + ["--out", str(tmp_path / "other.png")] + FAST) == 1
+    assert "'cat' is not a word of 'make the sky blue'" in capsys.readouterr().err

@@ -210,7 +210,7 @@ def by_sampler(case: Case, cfg: FoIConfig) -> tuple[np.ndarray, np.ndarray]:
         assert settings.num_steps_run == STEPS_RUN
         apply = lambda p, x, t, c, control: case.pipe.unet.apply({"params": p}, x, t, c, control)  # noqa: E731
         sampler = make_foi_sampler(apply, settings, cfg, data_mesh(jax.devices()[:1]), LATENT)
-        latents, masks = sampler(case.pipe.params["unet"], case.inputs, case.foi_inputs)
+        latents, masks, _ = sampler(case.pipe.params["unet"], case.inputs, case.foi_inputs)
         case.samplers[cfg] = (np.asarray(latents), np.asarray(masks))
     return case.samplers[cfg]
 
