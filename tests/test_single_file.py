@@ -252,3 +252,25 @@ def test_sample_cli_reads_a_single_file(single_file, pipeline_dir, tmp_path, cap
     argv = ["--model", str(ckpt), "--model-config", str(pipeline_dir), "--out", str(tmp_path / "o.png")]
     assert sample.main(argv + common) == 1
     assert "--allow-pickle" in capsys.readouterr().err
+
+
+def test_converted_to_a_folder_that_diffusers_and_training_read(single_file, pipeline_dir, from_folder, tmp_path):
+    """``tools/convert_single_file.py``: the file becomes a diffusers folder (the form train.py starts from) with
+    the same tensors; diffusers' pipeline loads it."""
+    import importlib.util
+    from pathlib import Path
+
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    tool_path = Path(__file__).resolve().parents[1] / "tools" / "convert_single_file.py"
+    spec = importlib.util.spec_from_file_location("convert_single_file", tool_path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    main = tool.main
+    out = tmp_path / "converted"
+    assert main([str(single_file), "--out", str(out), "--config", str(pipeline_dir)]) == 0
+    converted = InstructPix2PixPipeline.from_pretrained(out)
+    for a, b in zip(jax.tree.leaves(converted.params), jax.tree.leaves(from_folder.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    StableDiffusionInstructPix2PixPipeline.from_pretrained(out, safety_checker=None)
+    assert main([str(single_file), "--out", str(out), "--config", str(pipeline_dir)]) == 1  # not empty

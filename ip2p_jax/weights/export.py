@@ -283,3 +283,33 @@ def export_single_file(source: str | Path, out: str | Path, *, revision: str | N
             ldm_key = partial(ldm_key, config=parse(read_config(folder)))
         tensors.update(single_file.to_ldm(state, ldm_key, vae=vae))
     return single_file.write_single_file(out, tensors)
+
+
+def folder_from_single_file(
+    path: str | Path,
+    out: str | Path,
+    *,
+    config: str | Path | None = None,
+    allow_pickle: bool = False,
+    ema: bool = False,
+) -> Path:
+    """Writes a single-file LDM checkpoint as a diffusers pipeline folder, the form ``train.py``
+    (``--config.model``), ``generate_data.py`` and diffusers' ``from_pretrained`` start from: the file's UNet,
+    autoencoder and text encoder (``weights.load_single_file``: ``config``, ``allow_pickle`` and ``ema`` as there),
+    the tokenizer and scheduler of ``config``. Refuses a non-empty ``out``."""
+    from ip2p_jax.weights import load_single_file
+
+    out = Path(out)
+    _refuse_non_empty(out)
+    components, config = load_single_file(path, config, allow_pickle=allow_pickle, ema=ema)
+    unet_config = json.loads((resolve_folder(config, "unet", weights_name="config.json") / "config.json").read_text())
+    unet_config["in_channels"] = components["unet"][0].config.in_channels
+    out.mkdir(parents=True, exist_ok=True)
+    save_unet(out / "unet", components["unet"][1], unet_config)
+    for component, save in (("vae", save_vae), ("text_encoder", save_text_encoder)):
+        folder = resolve_folder(config, component, weights_name="config.json")
+        save(out / component, components[component][1], json.loads((folder / "config.json").read_text()))
+    for component in ("tokenizer", "scheduler"):
+        shutil.copytree(resolve_folder(config, component), out / component)
+    write_model_index(out, "ip2p" if unet_config["in_channels"] == 8 else "sd")
+    return out
