@@ -139,10 +139,10 @@ def load_text_encoder(
     config = _component_config(folder, "text encoder", CLIPTextConfig.from_transformers)
     module, expected = text_encoder_module(config, dtype)
     state_dict = read_safetensors(folder, TRANSFORMERS_WEIGHTS, variant)
-    return _converted(module, expected, state_dict, f"text encoder ({folder})", _text_model_prefix)
+    return _converted(module, expected, state_dict, f"text encoder ({folder})", text_model_key)
 
 
-def _text_model_prefix(key: str) -> str:
+def text_model_key(key: str) -> str:
     """transformers v4 saved CLIP's text tower under ``text_model.`` (the released SD checkpoints); v5 does not."""
     return key if key.startswith("text_model.") else f"text_model.{key}"
 
@@ -327,7 +327,7 @@ def load_single_file(
         shown = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
         raise CheckpointError(f"{path}: tensors that no part of the model takes ({len(unknown)}): {shown}")
     components = {
-        name: _converted(*modules[name], states[name][0], f"{name} of {path}", bare_parameters=()) for name in states
+        name: _converted(*modules[name], states[name][0], f"{name} of {path}") for name in states
     }
     options = dict(revision=revision)
     if "vae" not in components:

@@ -261,8 +261,8 @@ def export_single_file(source: str | Path, out: str | Path, *, revision: str | N
 
     from ip2p_jax.models.unet import UNetConfig
     from ip2p_jax.models.vae import VAEConfig
-    from ip2p_jax.weights import _text_model_prefix, single_file
-    from ip2p_jax.weights.convert import rename_old_vae_attention
+    from ip2p_jax.weights import single_file, text_model_key
+    from ip2p_jax.weights.convert import IGNORED_KEYS, rename_old_vae_attention
     from ip2p_jax.weights.files import read_config, read_safetensors
 
     out = Path(out)
@@ -272,12 +272,12 @@ def export_single_file(source: str | Path, out: str | Path, *, revision: str | N
     for component, weights, rename, ldm_key, vae in (
         ("unet", DIFFUSERS_WEIGHTS, None, single_file.ldm_unet_key, False),
         ("vae", DIFFUSERS_WEIGHTS, rename_old_vae_attention, single_file.ldm_vae_key, True),
-        ("text_encoder", TRANSFORMERS_WEIGHTS, _text_model_prefix, single_file.ldm_text_key, False),
+        ("text_encoder", TRANSFORMERS_WEIGHTS, text_model_key, single_file.ldm_text_key, False),
     ):
         folder = resolve_folder(source, component, weights_name=weights, revision=revision)
         state = read_safetensors(folder, weights)
         state = {rename(key) if rename else key: value for key, value in state.items()}
-        state = {key: value for key, value in state.items() if not key.endswith("position_ids")}
+        state = {key: value for key, value in state.items() if not IGNORED_KEYS.search(key)}
         if component != "text_encoder":
             parse = UNetConfig.from_diffusers if component == "unet" else VAEConfig.from_diffusers
             ldm_key = partial(ldm_key, config=parse(read_config(folder)))
