@@ -326,9 +326,7 @@ def load_single_file(
     if unknown:
         shown = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
         raise CheckpointError(f"{path}: tensors that no part of the model takes ({len(unknown)}): {shown}")
-    components = {
-        name: _converted(*modules[name], states[name][0], f"{name} of {path}") for name in states
-    }
+    components = {name: _converted(*modules[name], states[name][0], f"{name} of {path}") for name in states}
     options = dict(revision=revision)
     if "vae" not in components:
         components["vae"] = load_vae(config, **options)
