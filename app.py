@@ -57,8 +57,8 @@ def load_pipeline(args):
     """The pipeline and its FoI settings (the model folder's ``foi_config.json``, else the paper's)."""
     import jax.numpy as jnp
 
+    from ip2p_jax.foi import FoIConfig
     from ip2p_jax.pipeline import InstructPix2PixPipeline
-    from ip2p_jax.sampling import FoIConfig
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     if Path(args.model).is_file():

@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--limit must be at least 1")
     if args.steps < 1 or args.batch < 1:
         parser.error("--steps and --batch must be at least 1")
-    from ip2p_jax.sampling import FoIConfig
+    from ip2p_jax.foi import FoIConfig
 
     overrides = {}
     for item in args.foi:
@@ -194,8 +194,10 @@ def example_rows(examples: list[dict], edits: dict[str, np.ndarray], masks: list
         for k in range(max_masks):
             if masks[index] is not None and k < len(masks[index]):
                 mask = np.kron(masks[index][k], np.ones((size // masks[index].shape[1],) * 2))[..., None]
-                tiles.append(mask * (0.5 * example["input_image"] + 0.5 * np.array([255, 40, 40]))
-                             + (1 - mask) * 0.35 * example["input_image"])  # fmt: skip
+                tiles.append(
+                    mask * (0.5 * example["input_image"] + 0.5 * np.array([255, 40, 40]))
+                    + (1 - mask) * 0.35 * example["input_image"]
+                )
             else:
                 tiles.append(np.full((size, size, 3), 255.0))
         tiles += [edits[name][index] for name in ("ip2p", "foi") if name in edits]
@@ -222,8 +224,10 @@ def main(argv=None) -> int:
         return 1
     foi_config = args.foi_config
     data = {split: load_split(builder, split, args.limit) for split in args.splits}
-    batches = {split: [examples[i : i + args.batch] for i in range(0, len(examples), args.batch)]
-               for split, examples in data.items()}  # fmt: skip
+    batches = {
+        split: [examples[i : i + args.batch] for i in range(0, len(examples), args.batch)]
+        for split, examples in data.items()
+    }
     total = sum(len(b) for b in batches.values()) * len(args.methods)
     results, per_example, grids = {}, {}, []
     with tqdm(total=total, desc="evaluating") as bar:

@@ -199,7 +199,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def foi_config(args):
     """``FoIConfig`` of the model (its folder's ``foi_config.json``, else the paper's) with the settings given on
     the command line."""
-    from ip2p_jax.sampling import FoIConfig
+    from ip2p_jax.foi import FoIConfig
 
     given = dict(
         strength=args.strength,

@@ -100,8 +100,9 @@ def sample_edit_grid(pipeline, ema_params, rows, steps: int):
     pipeline.params = {**pipeline.params, "unet": ema_params}
     inputs = ((rows["input_image"] + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
     targets = ((rows["edited_image"] + 1) / 2).clip(0, 1)
-    edits = pipeline(list(inputs), list(rows["instruction"]), num_inference_steps=steps, output_type="np",
-                     progress=False).images  # fmt: skip
+    edits = pipeline(
+        list(inputs), list(rows["instruction"]), num_inference_steps=steps, output_type="np", progress=False
+    ).images
     grid = [np.concatenate([i / 255.0, t, e], axis=1) for i, t, e in zip(inputs, targets, edits, strict=True)]
     return to_pil(np.concatenate(grid, axis=0))
 
@@ -218,9 +219,11 @@ def keyword_localisation(config, unet, vae, vae_params, text, text_params, token
     latents = vae.config.scaling_factor * image_latents
     context = text.apply({"params": text_params}, jnp.asarray(tokenize(tokenizer, [e.instruction for e in examples])))
     weights = np.stack(
-        [instruction_tokens(tokenizer, [SubInstruction(e.instruction, e.edits[0].keyword)]).keyword_weights
-         for e in examples]
-    )  # fmt: skip
+        [
+            instruction_tokens(tokenizer, [SubInstruction(e.instruction, e.edits[0].keyword)]).keyword_weights
+            for e in examples
+        ]
+    )
     regions = np.stack([e.regions[:1] for e in examples])
     valid = np.ones(weights.shape[:2], bool)
     alphas_cumprod = SchedulerConfig(**betas).alphas_cumprod()
@@ -430,9 +433,13 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
             noise = jax.random.normal(jax.random.key(t), held_latents.shape)
             maps = np.asarray(maps_at(ema, noise, int(t), float(alphas_cumprod[t])))
             found = localisation(
-                maps, held_out["token_weights"], held_out["word_masks"], held_out["word_valid"],
-                gamma=config.eval_gamma, tau=config.eval_tau,
-            )  # fmt: skip
+                maps,
+                held_out["token_weights"],
+                held_out["word_masks"],
+                held_out["word_valid"],
+                gamma=config.eval_gamma,
+                tau=config.eval_tau,
+            )
             for name, words in (("shape", shape_words), ("background", ~shape_words)):
                 measured[f"{name}_iou_t{t}"] = float(np.nanmean(found["iou"][:, words]))
                 measured[f"{name}_inside_over_mean_t{t}"] = float(np.nanmean(found["inside_over_mean"][:, words]))
@@ -538,8 +545,11 @@ def main(argv) -> None:
         if (step + 1) % config.log_every == 0 or step + 1 == total:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_s=f"{(step + 1 - start_step) / elapsed:.2f}",
-                            images_s=f"{images / elapsed:.1f}")  # fmt: skip
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                steps_s=f"{(step + 1 - start_step) / elapsed:.2f}",
+                images_s=f"{images / elapsed:.1f}",
+            )
             if writer is not None:
                 with writer.as_default(step=step + 1):
                     for name, value in metrics.items():

@@ -30,8 +30,8 @@ SUBS = [("make it snow", "snow"), ("turn the sky red", "sky")]
 def worker(method: str, folder: str, batch: int, steps: int, size: int, mask_downsample: int, args) -> dict:
     import jax.numpy as jnp
 
+    from ip2p_jax.foi import FoIConfig
     from ip2p_jax.pipeline import InstructPix2PixPipeline
-    from ip2p_jax.sampling import FoIConfig
 
     dtype, backend = args.dtype, args.attention_backend
     pipe = InstructPix2PixPipeline.from_pretrained(folder, dtype=jnp.dtype(dtype), attention_backend=backend)

@@ -118,9 +118,15 @@ def load_shapes_edit_examples(
             break
         text = {key: record[key].decode() for key in ("input_caption", "edited_caption", "instruction")}
         examples.append(
-            EditExample(split, str(index), record["input_image"], text["input_caption"], text["edited_caption"],
-                        text["instruction"])
-        )  # fmt: skip
+            EditExample(
+                split,
+                str(index),
+                record["input_image"],
+                text["input_caption"],
+                text["edited_caption"],
+                text["instruction"],
+            )
+        )
     return examples
 
 

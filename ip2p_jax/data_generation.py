@@ -555,8 +555,9 @@ def generate_dataset(
                 pairs_bar.total -= config.samples_per_triple
                 continue
             seeds = candidate_seeds(config.seed, triple.index, config.samples_per_triple)
-            candidates = [make_candidate(s, (config.p2p_min, config.p2p_max), (config.cfg_min, config.cfg_max))
-                          for s in seeds]  # fmt: skip
+            candidates = [
+                make_candidate(s, (config.p2p_min, config.p2p_max), (config.cfg_min, config.cfg_max)) for s in seeds
+            ]
             yield TripleWork(triple, context, clip_text, alignment, candidates, len(candidates))
 
     try:

@@ -6,8 +6,8 @@ The guidance batch is laid out ``[branch, image]`` with the branches in the refe
     1  image only       (null-text context,   image latent)
     2  none             (null-text context,   zero latent)
 
-FoI's decoupled guidance (paper 4.3) lives in ``ip2p_jax.foi`` next to the other FoI formulas and calls
-``dual_guidance`` here with a mask.
+FoI's decoupled guidance (paper 4.3) is ``dual_guidance`` with a mask on the text term; which mask each step
+uses is ``ip2p_jax.foi.guidance``.
 
 Plain Stable Diffusion (text-to-image, IP2P's data generation) has two branches, ``[text, none]`` (the prompt's
 context, then the null text's), combined by ``classifier_free_guidance``.
@@ -22,14 +22,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-BRANCHES = ("text_image", "image", "none")
-
-
-def uses_dual_guidance(guidance_scale: float, image_guidance_scale: float) -> bool:
-    """Whether sampling runs the three branches; otherwise one conditioned branch, as diffusers does
-    (``guidance_scale > 1 and image_guidance_scale >= 1``)."""
-    return guidance_scale > 1.0 and image_guidance_scale >= 1.0
 
 
 def _per_image(value: jax.Array | float) -> jax.Array:
@@ -76,7 +68,7 @@ def dual_guidance(
     guidance, with the fully conditioned branch as the reference.
 
     Args:
-      eps_3bhwc: ``(3, B, H, W, C)`` predictions (epsilon or v) of the three branches in ``BRANCHES`` order.
+      eps_3bhwc: ``(3, B, H, W, C)`` predictions (epsilon or v) of the three branches in the order above.
       guidance_scale: ``s_T``, scalar or ``(B,)``.
       image_guidance_scale: ``s_I``, scalar or ``(B,)``.
       text_mask_bhw1: optional ``(B, H, W, 1)`` mask restricting the text term (FoI's decoupled guidance).

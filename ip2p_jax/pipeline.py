@@ -22,17 +22,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ip2p_jax import foi as foi_lib
+from ip2p_jax.foi import FoIConfig, FoIInputs, make_foi_sampler
+from ip2p_jax.models.unet import level_size
 from ip2p_jax.parallel import batch_sharded, data_mesh, pad_batch, padded_size, replicated
-from ip2p_jax.sampling import (
-    AttentionRecording,
-    FoIConfig,
-    FoIInputs,
-    SamplerInputs,
-    SamplerSettings,
-    level_size,
-    make_foi_sampler,
-    make_ip2p_sampler,
-)
+from ip2p_jax.sampling import AttentionRecording, SamplerInputs, SamplerSettings, make_ip2p_sampler
 from ip2p_jax.schedulers import Scheduler
 from ip2p_jax.tokenizer import tokenize, word_token_weights
 from ip2p_jax.weights import load_single_file, load_text_encoder, load_tokenizer, load_unet, load_vae

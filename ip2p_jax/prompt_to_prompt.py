@@ -202,6 +202,10 @@ def shares_attention(step: jax.Array, num_steps: int, p: jax.Array) -> jax.Array
 class PromptToPrompt(AttentionControl):
     """Prompt-to-Prompt on a UNet batch ``[branch, role, pair]`` (see the module docstring).
 
+    It takes the cross-attention layers when ``cross_attention_sharing`` (their probabilities replaced) and the
+    self-attention layers it injects (their output replaced: queries and keys moved, the fused kernel kept).
+    Compose it with ``RecordCrossAttention`` (placed after it) to record the maps as used.
+
     Attributes:
       mapper: ``(B, T, T)`` float32 alignments (``TokenAlignment.mapper``), one per pair.
       alphas: ``(B, T)`` float32 (``TokenAlignment.alphas``).
@@ -211,9 +215,6 @@ class PromptToPrompt(AttentionControl):
       self_attention_sharing: inject the input image's self-attention (static).
       self_attention_max_size: inject only at layers of at most this many positions (P2P: 256 at 512 px);
         ``None``: every layer, as the IP2P reference (static).
-      record_sizes: ``None`` records nothing; else the text branch's head-averaged cross-attention maps of both
-        roles, as used, are returned for the layers of these ``(h, w)`` sizes (all layers when empty), each
-        ``(B, 2, h, w, T)`` (static).
     """
 
     mapper: jax.Array
@@ -223,36 +224,33 @@ class PromptToPrompt(AttentionControl):
     cross_attention_sharing: bool = struct.field(pytree_node=False, default=True)
     self_attention_sharing: bool = struct.field(pytree_node=False, default=False)
     self_attention_max_size: int | None = struct.field(pytree_node=False, default=None)
-    record_sizes: tuple[tuple[int, int], ...] | None = struct.field(pytree_node=False, default=None)
 
     def _by_role(self, x: jax.Array) -> jax.Array:
         """``(branches * 2 * B, ...)`` -> ``(branches, 2, B, ...)``."""
         return x.reshape(self.branches, 2, self.mapper.shape[0], *x.shape[1:])
 
-    def _records(self, layer: LayerInfo) -> bool:
-        return self.record_sizes is not None and (not self.record_sizes or layer.size in self.record_sizes)
-
-    def cross_attention(self, scores_bnqk: jax.Array, layer: LayerInfo) -> tuple[jax.Array, Any]:
-        probs = self._by_role(jax.nn.softmax(scores_bnqk, axis=-1))
-        base, own = probs[0, 0], probs[0, 1]  # the text branch: (B, heads, Q, T) each
-        if self.cross_attention_sharing:
-            # P2P's precision matters little, but TPUs would otherwise multiply float32 in bfloat16 passes.
-            mapped = jnp.einsum("bnqs,bst->bnqt", base, self.mapper, precision=jax.lax.Precision.HIGHEST)
-            alphas = self.alphas[:, None, None, :]
-            replaced = mapped * alphas + own * (1.0 - alphas)
-            probs = probs.at[0, 1].set(jnp.where(self.share[:, None, None, None], replaced, own))
-        aux = None
-        if self._records(layer):
-            maps = probs[0].mean(axis=2)  # (2, B, Q, T), head-averaged
-            aux = jnp.swapaxes(maps, 0, 1).reshape(maps.shape[1], 2, *layer.size, maps.shape[-1])
-        return probs.reshape(scores_bnqk.shape), aux
-
-    def controls_self_attention(self, layer: LayerInfo) -> bool:
+    def controls(self, layer: LayerInfo) -> bool:
+        if layer.kind == "cross":
+            return self.cross_attention_sharing
         if not self.self_attention_sharing:
             return False
         return self.self_attention_max_size is None or layer.size[0] * layer.size[1] <= self.self_attention_max_size
 
-    def self_attention(self, q_bqnd, k_bknd, v_bknd, layer):
+    def probabilities(self, scores_bnqk: jax.Array, probs_bnqk: jax.Array, layer: LayerInfo) -> tuple[jax.Array, Any]:
+        del layer
+        probs = self._by_role(probs_bnqk)
+        base, own = probs[0, 0], probs[0, 1]  # the text branch: (B, heads, Q, T) each
+        # P2P's precision matters little, but TPUs would otherwise multiply float32 in bfloat16 passes.
+        mapped = jnp.einsum("bnqs,bst->bnqt", base, self.mapper, precision=jax.lax.Precision.HIGHEST)
+        alphas = self.alphas[:, None, None, :]
+        replaced = mapped * alphas + own * (1.0 - alphas)
+        probs = probs.at[0, 1].set(jnp.where(self.share[:, None, None, None], replaced, own))
+        return probs.reshape(scores_bnqk.shape), None
+
+    def replaces_output(self, layer: LayerInfo) -> bool:
+        return layer.kind == "self"
+
+    def output(self, q_bqnd, k_bknd, v_bknd, layer):
         del layer
         share = self.share[None, :, None, None, None]
 

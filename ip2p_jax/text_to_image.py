@@ -1,13 +1,12 @@
 """Text-to-image sampling with a 4-channel Stable Diffusion UNet: plain, and Prompt-to-Prompt pairs.
 
-The structure of ``sampling.py``'s IP2P sampler: the whole loop is one jitted function, a ``lax.scan`` over the
-steps, each step a ``shard_map`` over the mesh's ``data`` axis (params replicated, each device its own images).
-The guidance batch is ``[branch, image]`` with branches ``(text, none)`` (``guidance.classifier_free_guidance``).
+Both are step functions run by the sampler core (``sampling/core.py``), as the IP2P sampler is: the whole loop
+one jitted function, a ``lax.scan`` over the steps, each step a ``shard_map`` over the mesh's ``data`` axis. The
+guidance batch is ``[branch, image]`` with branches ``(text, none)`` (``guidance.classifier_free_guidance``).
 
-Randomness follows the IP2P sampler's convention: image ``i``'s key gives its start noise (``fold_in(key, 0)``)
-and each ancestral step's noise (``fold_in(fold_in(key, 1), step)``), so a result depends on the key alone, not on
-the batch or the mesh. A Prompt-to-Prompt pair has one key: both of its images start from the same noise and get
-the same step noise, as in the IP2P reference's data generation.
+Randomness is the core's: image ``i``'s key gives its start noise and each ancestral step's noise, so a result
+depends on the key alone. A Prompt-to-Prompt pair has one key: both of its images start from the same noise and
+get the same step noise, as in the IP2P reference's data generation.
 """
 
 from __future__ import annotations
@@ -19,12 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from ip2p_jax.guidance import classifier_free_guidance
-from ip2p_jax.parallel import DATA
+from ip2p_jax.models.attention import Compose, RecordCrossAttention
 from ip2p_jax.prompt_to_prompt import PromptToPrompt, shares_attention
-from ip2p_jax.sampling import step_noise
+from ip2p_jax.sampling.core import denoise, run_steps, start_noise, unet_on_branches
 from ip2p_jax.schedulers import Scheduler
 
 
@@ -74,12 +73,6 @@ class TextToImageInputs(struct.PyTreeNode):
     guidance_rescale: jax.Array | None = None
 
 
-def start_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """``N(0, 1)`` start noise of each key, from ``fold_in(key, 0)`` as in ``sampling.start_latents``:
-    ``(B,)`` keys -> ``(B, *shape)`` float32."""
-    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32))(keys)
-
-
 def guided_text_eps(
     unet_apply: Callable,
     unet_params: Any,
@@ -104,17 +97,11 @@ def guided_text_eps(
     Returns:
       ``(eps, aux)``: guided ``(N, h, w, c)`` float32 and the control's auxiliary output.
     """
+    contexts = [context, null_context] if guidance else [context]
+    outputs, aux = unet_on_branches(unet_apply, unet_params, model_input, timestep, contexts, control=control)
     if not guidance:
-        eps, aux = unet_apply(unet_params, model_input, timestep, context, control)
-        return eps.astype(jnp.float32), aux
-    x = jnp.concatenate([model_input, model_input])
-    eps, aux = unet_apply(unet_params, x, timestep, jnp.concatenate([context, null_context]), control)
-    return classifier_free_guidance(eps.reshape(2, -1, *eps.shape[1:]), guidance_scale, guidance_rescale), aux
-
-
-def _report(progress: Callable | None, done: jax.Array) -> None:
-    if progress is not None:
-        jax.debug.callback(progress, done)
+        return outputs[0].astype(jnp.float32), aux
+    return classifier_free_guidance(outputs, guidance_scale, guidance_rescale), aux
 
 
 def make_text_to_image_sampler(
@@ -137,7 +124,8 @@ def make_text_to_image_sampler(
     scheduler = settings.scheduler
     schedule = scheduler.schedule(settings.num_inference_steps)
 
-    def local_step(unet_params, inputs, sample, previous_x0, index):
+    def step(unet_params, inputs, carry, index):
+        sample, previous_x0 = carry
         model_input = scheduler.scale_model_input(schedule, index, sample)
         eps, _ = guided_text_eps(
             unet_apply,
@@ -150,25 +138,14 @@ def make_text_to_image_sampler(
             settings.guidance,
             guidance_rescale=inputs.guidance_rescale,
         )
-        noise = step_noise(inputs.keys, index, sample.shape[1:])
-        return scheduler.step(schedule, index, sample, eps, noise, previous_x0)
-
-    batch, rep = PartitionSpec(DATA), PartitionSpec()
-    sharded_step = jax.shard_map(
-        local_step, mesh=mesh, in_specs=(rep, batch, batch, batch, rep), out_specs=(batch, batch)
-    )
+        return denoise(scheduler, schedule, index, sample, eps, inputs.keys, previous_x0), None
 
     def sample(unet_params, inputs: TextToImageInputs) -> jax.Array:
         noise = inputs.latents if inputs.latents is not None else start_noise(inputs.keys, settings.latent_shape)
         latents = noise.astype(jnp.float32) * scheduler.init_noise_sigma(schedule)
-
-        def body(carry, index):
-            carry = sharded_step(unet_params, inputs, *carry, index)
-            _report(progress, index + 1)
-            return carry, None
-
         steps = jnp.arange(settings.num_inference_steps)
-        (latents, _), _ = jax.lax.scan(body, (latents, jnp.zeros_like(latents)), steps)
+        carry = (latents, jnp.zeros_like(latents))
+        (latents, _), _ = run_steps(step, mesh, unet_params, inputs, carry, steps, progress)
         return latents
 
     return jax.jit(sample)
@@ -245,7 +222,8 @@ def make_prompt_to_prompt_sampler(
     def by_pair(x):  # (2 B, ...) -> (B, 2, ...)
         return jnp.swapaxes(x.reshape(2, -1, *x.shape[1:]), 0, 1)
 
-    def local_step(unet_params, inputs, sample, previous_x0, index):
+    def step(unet_params, inputs, carry, index):
+        sample, previous_x0 = carry
         control = PromptToPrompt(
             mapper=inputs.mapper,
             alphas=inputs.alphas,
@@ -254,8 +232,9 @@ def make_prompt_to_prompt_sampler(
             cross_attention_sharing=p2p.cross_attention,
             self_attention_sharing=p2p.self_attention,
             self_attention_max_size=p2p.self_attention_max_size,
-            record_sizes=p2p.record_sizes,
         )
+        if p2p.record_sizes is not None:  # the maps as used: the recorder after the replacement
+            control = Compose(control, RecordCrossAttention(sizes=p2p.record_sizes))
         flat = by_role(sample)
         model_input = scheduler.scale_model_input(schedule, index, flat)
         twice = lambda x: jnp.concatenate([x, x])  # noqa: E731  (same for both roles)
@@ -270,26 +249,20 @@ def make_prompt_to_prompt_sampler(
             settings.guidance,
             control,
         )
-        noise = step_noise(twice(inputs.keys), index, flat.shape[1:])
-        flat, x0 = scheduler.step(schedule, index, flat, eps, noise, by_role(previous_x0))
-        return by_pair(flat), by_pair(x0), aux
-
-    batch, rep = PartitionSpec(DATA), PartitionSpec()
-    sharded_step = jax.shard_map(
-        local_step, mesh=mesh, in_specs=(rep, batch, batch, batch, rep), out_specs=(batch, batch, batch)
-    )
+        flat, x0 = denoise(scheduler, schedule, index, flat, eps, twice(inputs.keys), by_role(previous_x0))
+        maps = {}
+        if p2p.record_sizes is not None:  # the text branch's (2 B, h, w, T) maps of each layer, by pair
+            maps = {name: by_pair(m[: flat.shape[0]]) for name, m in control.split(aux)[1].items()}
+        return (by_pair(flat), by_pair(x0)), maps
 
     def sample(unet_params, inputs: PromptToPromptInputs):
         noise = inputs.latents if inputs.latents is not None else start_noise(inputs.keys, settings.latent_shape)
         start = noise.astype(jnp.float32) * scheduler.init_noise_sigma(schedule)
         latents = jnp.broadcast_to(start[:, None], (start.shape[0], 2, *start.shape[1:]))
 
-        def body(carry, index):
-            latents, previous_x0, maps = sharded_step(unet_params, inputs, *carry, index)
-            _report(progress, index + 1)
-            return (latents, previous_x0), maps
-
-        (latents, _), maps = jax.lax.scan(body, (latents, jnp.zeros_like(latents)), jnp.arange(num_steps))
+        steps = jnp.arange(num_steps)
+        carry = (latents, jnp.zeros_like(latents))
+        (latents, _), maps = run_steps(step, mesh, unet_params, inputs, carry, steps, progress)
         return latents, maps
 
     return jax.jit(sample)

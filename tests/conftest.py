@@ -233,8 +233,8 @@ def bfloat16_against_float32(model, image, instructions, steps: int) -> tuple[fl
     import jax.numpy as jnp
 
     from ip2p_jax import foi
+    from ip2p_jax.foi import FoIConfig
     from ip2p_jax.pipeline import InstructPix2PixPipeline
-    from ip2p_jax.sampling import FoIConfig
 
     settings = dict(num_inference_steps=steps, output_type="np", progress=False)
     prompt = foi.composite_prompt([foi.SubInstruction(*i) for i in instructions])[0]

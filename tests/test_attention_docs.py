@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_unet import inputs, loaded_unet
 
-from ip2p_jax.models.attention import RecordCrossAttention
+from ip2p_jax.models.attention import Compose, RecordCrossAttention
 
 DOC = Path(__file__).parents[1] / "docs" / "attention.md"
 
@@ -46,6 +46,16 @@ def test_remove_token_example(remove_token_class):
     apply(variables, sample, timesteps, context, control=RemoveToken(jnp.int32(3)))
     assert apply._cache_size() == size  # the token is traced: no recompilation
 
+    # Composed with a recorder after it: the recorder sees the token gone where it was removed, and only there.
+    composed = Compose(RemoveToken(jnp.int32(2)), RecordCrossAttention())
+    eps_composed, aux = apply(variables, sample, timesteps, context, control=composed)
+    had, seen = composed.split(aux)
+    np.testing.assert_allclose(eps_composed, eps, rtol=1e-6, atol=1e-7)
+    assert sorted(had) == expected_layers and sorted(seen) == sorted(recorded)
+    for name, maps in seen.items():
+        gone = float(jnp.max(maps[..., 2])) == 0.0
+        assert gone == (name in expected_layers), name
+
 
 def test_removed_token_gets_no_attention(remove_token_class):
     """Probabilities of a layer under the control: zero on the token, the others renormalised."""
@@ -54,7 +64,7 @@ def test_removed_token_gets_no_attention(remove_token_class):
     control = remove_token_class(jnp.int32(1))
     layer = LayerInfo("mid_block.attentions.0.transformer_blocks.0.attn2", "mid", 0, 2, (2, 2), 2)
     scores = jax.random.normal(jax.random.key(0), (1, 2, 4, 3))
-    probs, had = control.cross_attention(scores, layer)
+    probs, had = control.probabilities(scores, jax.nn.softmax(scores, -1), layer)
     plain = jax.nn.softmax(scores, -1)
     np.testing.assert_allclose(probs[..., 1], 0.0)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)

@@ -112,7 +112,7 @@ def manifest_builder(tmp_path_factory):
                     "input_image": f"images/{index}_in.png",
                     "edit_prompt": f"jsonl {index}",
                     "edited_image": f"images/{index}_out.png",
-                }  # fmt: skip
+                }
             )
         )
     lines[2] = json.dumps({"input_image": "images/2_in.png", "edited_image": "images/2_out.png"})

@@ -173,8 +173,13 @@ def test_shapes_edit_examples_carry_the_caption_triples(tmp_path):
 
 @pytest.mark.slow
 def test_cli_shapes_config_scores_the_shipped_model_with_the_lineage_clip(tmp_path):
-    settings = [f"--config.data_dir={tmp_path / 'tfds'}", "--config.num_samples=2", "--config.steps=2",
-                "--config.image_guidance_scales=(1.0, 2.0)", "--config.data=shapes_edit/small"]  # fmt: skip
+    settings = [
+        f"--config.data_dir={tmp_path / 'tfds'}",
+        "--config.num_samples=2",
+        "--config.steps=2",
+        "--config.image_guidance_scales=(1.0, 2.0)",
+        "--config.data=shapes_edit/small",
+    ]
     config = str(ROOT / "configs/evaluate_clip.py:shapes")
     command = [sys.executable, str(ROOT / "evaluate_clip.py"), "--config", config, *settings]
     command += ["--out", str(tmp_path / "out"), "--noprogress"]

@@ -22,8 +22,8 @@ from PIL import Image
 
 import evaluate
 from ip2p_jax.data import shapes_edit
+from ip2p_jax.foi import FoIConfig, mask_size
 from ip2p_jax.pipeline import InstructPix2PixPipeline
-from ip2p_jax.sampling import FoIConfig, mask_size
 
 SMALL = next(config for config in shapes_edit.ShapesEdit.BUILDER_CONFIGS if config.name == "small")
 LIMIT, BATCH, SEED, STEPS = 6, 4, 5, 3  # two batches per split (4 + 2): seeds SEED and SEED + 1
@@ -225,8 +225,10 @@ def test_the_calls_carry_the_settings(truth_run, data_dir):
     for call in fake.calls:
         assert (call["num_inference_steps"], call["guidance_scale"], call["image_guidance_scale"]) == (STEPS, 7.5, 1.5)
         if call["method"] in FOI_METHODS:
-            switches = {"foi_no_modulation": dict(modulation=False), "foi_no_decoupled_guidance": dict(
-                decoupled_guidance=False)}.get(call["method"], {})  # fmt: skip
+            switches = {
+                "foi_no_modulation": dict(modulation=False),
+                "foi_no_decoupled_guidance": dict(decoupled_guidance=False),
+            }.get(call["method"], {})
             assert call["foi"] == FoIConfig(**MODEL_FOI, gamma=1, **switches)
     assert record["settings"]["foi"] == {**record["settings"]["foi"], **MODEL_FOI, "gamma": 1}
 
@@ -249,8 +251,11 @@ def test_the_unedited_input_carries_out_nothing(unedited_run):
         assert record["results"][split]["ip2p"]["edit_success"] < 0.5
 
 
-@pytest.mark.xfail(strict=True, reason="evaluation.edit_success judges a reshape on the union of the old and the new "
-                   "shape: where they overlap by 70 % or more, the unedited picture passes")  # fmt: skip
+@pytest.mark.xfail(
+    strict=True,
+    reason="evaluation.edit_success judges a reshape on the union of the old and the new "
+    "shape: where they overlap by 70 % or more, the unedited picture passes",
+)
 def test_an_unedited_reshape_is_no_success(unedited_run):
     """The picture left as it was carries out no instruction, reshapes included. Fails today: example 2 of the small
     test_single split turns a square into a circle of the same centre and size, the circle covers about 84 % of the
@@ -336,9 +341,7 @@ def test_the_table_lists_every_row(per_method_run):
     record, _, out = per_method_run
     lines = (out / "results.md").read_text().splitlines()[2:]
     assert len(lines) == len(evaluate.SPLITS) * len(evaluate.METHODS)
-    for line, (split, method) in zip(
-        lines, [(s, m) for s in evaluate.SPLITS for m in evaluate.METHODS], strict=True
-    ):  # fmt: skip
+    for line, (split, method) in zip(lines, [(s, m) for s in evaluate.SPLITS for m in evaluate.METHODS], strict=True):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         summary = record["results"][split][method]
         assert cells[0] == f"{split} ({LIMIT})" and cells[1] == method

@@ -81,8 +81,11 @@ def test_generated_scene_colours_judges_what_a_picture_contains():
     scene = Scene("white", True, (ShapeObject("circle", "red", 16, 16, 10), ShapeObject("square", "blue", 44, 44, 9)))
     image = scene.render()
     assert generated_scene_colours(image, scene) == {
-        "objects_found": 1.0, "all_objects": True, "extra_colours": 0, "background": True
-    }  # fmt: skip
+        "objects_found": 1.0,
+        "all_objects": True,
+        "extra_colours": 0,
+        "background": True,
+    }
     moved = np.roll(image, (5, -7), axis=(0, 1))  # positions are free
     assert generated_scene_colours(moved, scene)["all_objects"]
     repainted = image.copy()

@@ -10,9 +10,9 @@ import pytest
 from transformers import CLIPTokenizer
 
 from ip2p_jax import foi
-from ip2p_jax.foi import InstructionError, SubInstruction
+from ip2p_jax.foi import FoIConfig, InstructionError, SubInstruction, mask_size
 from ip2p_jax.guidance import dual_guidance
-from ip2p_jax.sampling import FoIConfig, level_size, mask_size
+from ip2p_jax.models.unet import level_size
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,11 @@ from PIL import Image
 
 import ip2p_jax.pipeline as pipeline_module
 from ip2p_jax import foi
+from ip2p_jax.foi import FoIConfig, FoIInputs, make_foi_sampler, mask_size
 from ip2p_jax.models.unet import UNetConfig
 from ip2p_jax.parallel import data_mesh
 from ip2p_jax.pipeline import InstructPix2PixPipeline
-from ip2p_jax.sampling import FoIConfig, FoIInputs, SamplerInputs, SamplerSettings, make_foi_sampler, mask_size
+from ip2p_jax.sampling import SamplerInputs, SamplerSettings
 
 SIZE = 32  # pixels -> 16 x 16 latents; the tiny UNet's cross-attention runs at 16, 8 and 4
 FOI = FoIConfig(mask_downsample=2)  # masks at 8 x 8
@@ -91,8 +92,10 @@ def test_image_sizes_off_the_32_px_grid(pipe_vae8x, ip2p_edits, width, height, m
     assert masks["latent"].shape == (2, *mask_size((height // 8, width // 8), mask_downsample))
     assert masks["image"].shape == (2, height, width) and masks["latent"].min() == 1.0
     difference = np.abs(edited.images - ip2p_edits(width, height)).max()
-    print(f"{width} x {height} px, mask_downsample {mask_downsample}: masks {masks['latent'].shape[1:]}, FoI with full "
-          f"masks and alpha 0 vs IP2P: max abs pixel difference {difference:.1e}")  # fmt: skip
+    print(
+        f"{width} x {height} px, mask_downsample {mask_downsample}: masks {masks['latent'].shape[1:]}, FoI with full "
+        f"masks and alpha 0 vs IP2P: max abs pixel difference {difference:.1e}"
+    )
     assert difference <= 1e-5
 
 

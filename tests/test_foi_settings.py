@@ -24,10 +24,11 @@ import pytest
 from flax import struct
 
 from ip2p_jax import foi
-from ip2p_jax.models.attention import AttentionControl, RecordCrossAttention, mean_of_layers
+from ip2p_jax.foi import FoIConfig, FoIInputs, make_foi_sampler
+from ip2p_jax.models.attention import AttentionControl, RecordCrossAttention, attention_scores, mean_of_layers
 from ip2p_jax.parallel import data_mesh
 from ip2p_jax.pipeline import InstructPix2PixPipeline
-from ip2p_jax.sampling import FoIConfig, FoIInputs, SamplerInputs, SamplerSettings, make_foi_sampler
+from ip2p_jax.sampling import SamplerInputs, SamplerSettings
 
 LATENT = (16, 16)  # the tiny UNet's cross-attention runs at 16 x 16, 8 x 8 and 4 x 4 (mid block)
 MASKS = (8, 8)  # mask_downsample 2
@@ -71,7 +72,11 @@ class ModulationByHand(AttentionControl):
     xi_t: jax.Array
     outside_values: str = struct.field(pytree_node=False, default="own")
 
-    def attend(self, scores_bnqk, v_bknd, layer):
+    def replaces_output(self, layer):
+        return True
+
+    def output(self, q_bqnd, k_bknd, v_bknd, layer):
+        scores_bnqk = attention_scores(q_bqnd, k_bknd)
         batch, slots = self.masks.shape[:2]
 
         def probs_times_values(probs_bnqk, v):

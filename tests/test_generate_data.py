@@ -183,11 +183,14 @@ def test_generated_folder_has_the_released_layout(generated):
     config, out, summary, reports = generated
     assert summary.finished == 20 and summary.kept == 20 and summary.listed == 20
     assert [line for line, _ in summary.bad] == [4, 8]
-    assert reports[0].endswith(":4: skipped: not JSON (Expecting property name enclosed in double quotes: line 1 "
-                               "column 2 (char 1))")  # fmt: skip
-    assert reports[1].endswith(":8: skipped: prompt 'a xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy "
-                               "xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy ' has 103 tokens; CLIP "
-                               "reads 77")  # fmt: skip
+    assert reports[0].endswith(
+        ":4: skipped: not JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
+    )
+    assert reports[1].endswith(
+        ":8: skipped: prompt 'a xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy "
+        "xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy xyzzy ' has 103 tokens; CLIP "
+        "reads 77"
+    )
     seeds = json.loads((out / "seeds.json").read_text())
     names = [name for name, _ in seeds]
     assert names == sorted(names) and "0000003" not in names and "0000007" not in names and len(names) == 20
@@ -199,10 +202,12 @@ def test_generated_folder_has_the_released_layout(generated):
         assert len(scores) == config.samples_per_triple
         assert [int(s) for s in kept] == [s["seed"] for s in scores if s["kept"]]
         # What was kept is exactly the filter's choice over every candidate's scores.
-        candidates = [Candidate(s["seed"], s["p2p_threshold"], s["cfg_scale"], {k: s[k] for k in SCORE_NAMES})
-                      for s in scores]  # fmt: skip
-        thresholds = FilterThresholds(config.clip_threshold, config.clip_dir_threshold, config.clip_img_threshold,
-                                      config.max_kept)  # fmt: skip
+        candidates = [
+            Candidate(s["seed"], s["p2p_threshold"], s["cfg_scale"], {k: s[k] for k in SCORE_NAMES}) for s in scores
+        ]
+        thresholds = FilterThresholds(
+            config.clip_threshold, config.clip_dir_threshold, config.clip_img_threshold, config.max_kept
+        )
         assert [str(c.seed) for c in select(candidates, thresholds)] == kept
         metadata = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
         assert [str(m["seed"]) for m in metadata] == kept
@@ -274,8 +279,15 @@ def test_rerun_with_other_settings_is_refused(generated):
 @pytest.mark.slow
 def test_cli_tiny_config(tmp_path):
     """generate_data.py on the tiny config (random models built in code), then a rerun that skips everything."""
-    command = [sys.executable, str(ROOT / "generate_data.py"), "--config", str(ROOT / "configs/generate_data.py:tiny"),
-               "--out", str(tmp_path / "data"), "--noprogress"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "generate_data.py"),
+        "--config",
+        str(ROOT / "configs/generate_data.py:tiny"),
+        "--out",
+        str(tmp_path / "data"),
+        "--noprogress",
+    ]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -286,8 +298,9 @@ def test_cli_tiny_config(tmp_path):
     assert "0 triples generated (0 pairs kept), 5 already finished" in second.stdout
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "a cat", "edit": "x"}\n')
-    third = subprocess.run(command + [f"--config.triples={bad}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
+    third = subprocess.run(
+        command + [f"--config.triples={bad}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     # Another triples file into the same folder changes nothing that decides the pictures: it runs, skipping
     # the bad line, and exits 1.
     assert third.returncode == 1 and "bad.jsonl:1: skipped: missing ['output']" in third.stderr

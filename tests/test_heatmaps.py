@@ -40,7 +40,7 @@ def planted_apply(token_of: dict[str, int], middle_timestep: float):
             place = jnp.where(early, first[0] * width + first[1], then[0] * width + then[1])
             scores = scores.at[:, :, place, token_of[word]].set(12.0)
         layer = LayerInfo("mid_block.attentions.0.transformer_blocks.0.attn2", "mid", 0, 0, (height, width), 2)
-        _, maps = control.cross_attention(scores, layer)
+        _, maps = control.probabilities(scores, jax.nn.softmax(scores, -1), layer)
         return jnp.zeros((batch, height, width, 4)), {layer.name: maps}
 
     return apply

@@ -110,7 +110,7 @@ class _PlantedAttention(AttentionControl):
 
     maps: jax.Array
 
-    def cross_attention(self, scores_bnqk, layer):
+    def probabilities(self, scores_bnqk, probs_bnqk, layer):
         return self.maps.reshape(scores_bnqk.shape[0], 1, -1, self.maps.shape[-1]), None
 
 
@@ -123,8 +123,9 @@ def test_localisation_finds_planted_maps():
 
     def unet_apply(params, sample, timesteps, context, record):
         # The recording control sees the layer's probabilities as the real UNet would hand them over.
-        probs = _PlantedAttention(jnp.asarray(planted)).cross_attention(jnp.zeros((1, 1, 64, 8)), layer)[0]
-        _, aux = record.cross_attention(jnp.log(jnp.maximum(probs, 1e-30)), layer)
+        scores = jnp.zeros((1, 1, 64, 8))
+        probs = _PlantedAttention(jnp.asarray(planted)).probabilities(scores, jax.nn.softmax(scores), layer)[0]
+        _, aux = record.probabilities(jnp.log(jnp.maximum(probs, 1e-30)), probs, layer)
         return sample, {layer.name: aux}
 
     latents = jnp.zeros((1, 8, 8, 4))
@@ -180,8 +181,12 @@ def test_clip_and_text_to_image_train_export_and_load(tmp_path):
 
     module, params = load_clip(tmp_path / "clip-model")
     tokenizer = load_tokenizer(tmp_path / "clip-model", subfolder="")
-    ids = tokenizer(["a red circle on a white background", "a blue square and a green diamond on a gray background"],
-                    padding="max_length", max_length=77, return_tensors="np").input_ids  # fmt: skip
+    ids = tokenizer(
+        ["a red circle on a white background", "a blue square and a green diamond on a gray background"],
+        padding="max_length",
+        max_length=77,
+        return_tensors="np",
+    ).input_ids
     pixels = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
     ours_image, ours_text, _ = module.apply({"params": params}, jnp.asarray(pixels), jnp.asarray(ids))
     reference = CLIPModel.from_pretrained(tmp_path / "clip-model").eval()
@@ -193,11 +198,19 @@ def test_clip_and_text_to_image_train_export_and_load(tmp_path):
         assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4 * np.abs(theirs).max()
 
     t2i = ["train.py", "--config", "configs/shapes_t2i.py", "--workdir", tmp_path / "t2i"]
-    tiny_unet = ["--config.new_model.unet.block_out_channels=(16, 32, 32)", "--config.new_model.unet.norm_num_groups=8",
-                 "--config.new_model.unet.cross_attention_dim=16",
-                 f"--config.new_model.text_encoder={tmp_path / 'clip-model'}"]  # fmt: skip
-    evaluation = ["--config.sample_every=2", "--config.sample_count=2", "--config.sample_steps=2",
-                  "--config.eval_count=4", "--config.eval_timesteps=(500,)"]  # fmt: skip
+    tiny_unet = [
+        "--config.new_model.unet.block_out_channels=(16, 32, 32)",
+        "--config.new_model.unet.norm_num_groups=8",
+        "--config.new_model.unet.cross_attention_dim=16",
+        f"--config.new_model.text_encoder={tmp_path / 'clip-model'}",
+    ]
+    evaluation = [
+        "--config.sample_every=2",
+        "--config.sample_count=2",
+        "--config.sample_steps=2",
+        "--config.eval_count=4",
+        "--config.eval_timesteps=(500,)",
+    ]
     run = _run([*t2i, *tiny_unet, *evaluation, "--config.steps=2", "--config.global_batch_size=2"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "shape_iou_t500" in run.stderr and "background_iou_t500" in run.stderr
@@ -209,8 +222,13 @@ def test_clip_and_text_to_image_train_export_and_load(tmp_path):
     # InstructPix2Pix from it (4 -> 8 channels), measuring the keyword's localisation on the way.
     ip2p = ["train.py", "--config", "configs/shapes_ip2p.py", "--workdir", tmp_path / "ip2p"]
     data = ["--config.data=shapes_edit/small", f"--config.data_dir={tmp_path / 'tfds'}"]
-    evaluation = ["--config.sample_every=2", "--config.sample_count=2", "--config.sample_steps=2",
-                  "--config.eval_count=4", "--config.eval_timesteps=(800,)"]  # fmt: skip
+    evaluation = [
+        "--config.sample_every=2",
+        "--config.sample_count=2",
+        "--config.sample_steps=2",
+        "--config.eval_count=4",
+        "--config.eval_timesteps=(800,)",
+    ]
     model = [f"--config.model={tmp_path / 't2i-model'}", "--config.steps=2", "--config.global_batch_size=2"]
     run = _run([*ip2p, *data, *evaluation, *model])
     assert run.returncode == 0, run.stderr[-3000:]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import IP2P_SCHEDULER_CONFIG, make_text_encoder, make_unet
 
-from ip2p_jax.models.attention import LayerInfo, attention_scores, combine_values
+from ip2p_jax.models.attention import Compose, LayerInfo, RecordCrossAttention, attention_scores, combine_values
 from ip2p_jax.parallel import data_mesh
 from ip2p_jax.prompt_to_prompt import (
     AlignmentError,
@@ -131,18 +131,23 @@ def test_steps_that_share_follow_the_reference_rule():
 
 
 def test_control_replaces_the_edited_text_branch_maps_only(tokenizer):
-    pairs, heads, queries = 2, 2, 6
+    """The replaced probabilities, and a recorder composed after the control records them as used."""
+    pairs, heads, queries, dim = 2, 2, 6, 4
     alignments = [refinement_alignment(tokenizer, "a cat", "a red cat"), word_swap_alignment(tokenizer, "a", "b")]
     control = PromptToPrompt(
         mapper=jnp.stack([a.mapper for a in alignments]),
         alphas=jnp.stack([a.alphas for a in alignments]),
         share=jnp.array([True, False]),
-        record_sizes=(),
     )
     layer = LayerInfo("mid_block.attentions.0.transformer_blocks.0.attn2", "mid", 0, 1, (2, 3), heads)
-    scores = jax.random.normal(jax.random.key(0), (2 * 2 * pairs, heads, queries, T))
-    probs, maps = control.cross_attention(scores, layer)
+    q = jax.random.normal(jax.random.key(0), (2 * 2 * pairs, queries, heads, dim))
+    k, v = jax.random.normal(jax.random.key(1), (2, 2 * 2 * pairs, T, heads, dim))
+    scores = attention_scores(q, k)
+    probs, aux = control.probabilities(scores, jax.nn.softmax(scores, -1), layer)
+    assert aux is None
     plain = jax.nn.softmax(scores, -1).reshape(2, 2, pairs, heads, queries, T)
+    out, (_, recorded) = Compose(control, RecordCrossAttention()).attend(q, k, v, layer)
+    np.testing.assert_array_equal(out, combine_values(probs, v))
     probs = probs.reshape(plain.shape)
     edited = np.asarray(probs[0, 1, 0])
     mapped = np.einsum("nqs,st->nqt", plain[0, 0, 0], alignments[0].mapper)
@@ -154,6 +159,7 @@ def test_control_replaces_the_edited_text_branch_maps_only(tokenizer):
     untouched = np.ones((2, 2, pairs), bool)
     untouched[0, 1, 0] = False
     np.testing.assert_array_equal(np.asarray(probs)[untouched], np.asarray(plain)[untouched])
+    maps = np.swapaxes(np.asarray(recorded)[: 2 * pairs].reshape(2, pairs, 2, 3, T), 0, 1)  # the text branch
     assert maps.shape == (pairs, 2, 2, 3, T)
     np.testing.assert_allclose(maps[0, 1], edited.mean(0).reshape(2, 3, T), rtol=1e-6)
     np.testing.assert_allclose(maps[:, 0], plain[0, 0].mean(1).reshape(pairs, 2, 3, T), rtol=1e-6)
@@ -171,10 +177,10 @@ def test_control_injects_self_attention_queries_and_keys():
     )
     small = LayerInfo("mid_block.attentions.0.transformer_blocks.0.attn1", "mid", 0, 2, (2, 2), heads)
     large = LayerInfo("down_blocks.0.attentions.0.transformer_blocks.0.attn1", "down", 0, 0, (4, 4), heads)
-    assert control.controls_self_attention(small) and not control.controls_self_attention(large)
-    assert not PromptToPrompt(control.mapper, control.alphas, control.share).controls_self_attention(small)
+    assert control.controls(small) and not control.controls(large) and control.replaces_output(small)
+    assert not PromptToPrompt(control.mapper, control.alphas, control.share).controls(small)
     q, k, v = jax.random.normal(jax.random.key(1), (3, 2 * 2 * pairs, queries, heads, dim))
-    out, aux = control.self_attention(q, k, v, small)
+    out, aux = control.attend(q, k, v, small)
     assert aux is None
 
     def attention(q, k, v):

@@ -135,7 +135,7 @@ EIGHT_DEVICES = textwrap.dedent(
     # One image per device instead of eight in one batch changes XLA's float32 summation order, nothing else.
     assert difference <= 1e-4, difference
 
-    from ip2p_jax.sampling import FoIConfig
+    from ip2p_jax.foi import FoIConfig
     subs = [[("make the sky blue", "sky")], [("make the sky blue", "sky"), ("turn the cat red", "cat"), ("add a hat",)]]
     foi = dict(instructions=subs * 4, foi=FoIConfig(mask_downsample=2), **settings)
     one = single(images, **foi)

@@ -3,27 +3,28 @@ reach it, their aux comes back under the attn1 names, and the plain computation 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from test_unet import inputs, loaded_unet
 
-from ip2p_jax.models.attention import RecordCrossAttention, attention_scores, combine_values
+from ip2p_jax.models.attention import RecordCrossAttention
 
 
 class RecordSelfAttention(RecordCrossAttention):
-    """Opts in to the self-attention layers of one size; computes them step by step and returns their
-    head-averaged probabilities ``(B, Q, Q)`` (and, as its parent, the cross-attention maps of that size)."""
+    """Takes the self-attention layers of one size too; the UNet computes them step by step through the same
+    probability hook, which returns their head-averaged probabilities ``(B, Q, Q)`` (and, as its parent does, the
+    cross-attention maps of that size)."""
 
     size: tuple[int, int] = struct.field(pytree_node=False, default=(8, 8))
 
-    def controls_self_attention(self, layer):
-        return layer.size == self.size
+    def controls(self, layer):
+        return super().controls(layer) or (layer.kind == "self" and layer.size == self.size)
 
-    def self_attention(self, q_bqnd, k_bknd, v_bknd, layer):
-        probs = jax.nn.softmax(attention_scores(q_bqnd, k_bknd), axis=-1)
-        return combine_values(probs, v_bknd), probs.mean(axis=1)
+    def probabilities(self, scores_bnqk, probs_bnqk, layer):
+        if layer.kind == "self":
+            return probs_bnqk, probs_bnqk.mean(axis=1)
+        return super().probabilities(scores_bnqk, probs_bnqk, layer)
 
 
 def test_self_attention_opt_in():

@@ -49,10 +49,11 @@ def setup(tmp_path_factory):
         vae=vae,
         text_encoder=text,
         tx=tx,
-        alphas_cumprod=tuple(SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-                             .alphas_cumprod().tolist()),
+        alphas_cumprod=tuple(
+            SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod().tolist()
+        ),
         learning_rate=1e-3,
-    )  # fmt: skip
+    )
     null = text.apply({"params": text_params}, jnp.asarray(tokenize(tokenizer, [""])))
     frozen = {"vae": vae_params, "text_encoder": text_params, "null_context": null}
     step = jax.jit(functools.partial(train_step, settings=settings))
@@ -351,8 +352,10 @@ def test_one_step_on_eight_devices_and_on_two_processes_equals_one_device(tmp_pa
         leaves = [key for key in reference.files if key.startswith("p")]
         worst = max(float(np.abs(reference[k] - other[k]).max()) for k in leaves)
         loss, other_loss = float(reference["loss"]), float(other["loss"])
-        print(f"{name}: loss {other_loss:.6f} vs {loss:.6f}, max param difference {worst:.1e}, "
-              f"{int(other['sharded'])} arrays sharded over fsdp")  # fmt: skip
+        print(
+            f"{name}: loss {other_loss:.6f} vs {loss:.6f}, max param difference {worst:.1e}, "
+            f"{int(other['sharded'])} arrays sharded over fsdp"
+        )
         assert abs(other_loss - loss) <= 1e-5 * abs(loss), (name, other_loss, loss)
         assert worst <= 1e-6, (name, worst)
         assert (int(other["sharded"]) > 0) == name.endswith("x2")
@@ -391,8 +394,12 @@ def test_a_v_prediction_run_exports_a_folder_that_diffusers_edits_as_we_do(tmp_p
 
     from ip2p_jax.pipeline import InstructPix2PixPipeline
 
-    objective = ["--config.prediction_type=v_prediction", "--config.rescale_betas_zero_snr=True",
-                 "--config.snr_gamma=5", "--config.noise_offset=0.05"]  # fmt: skip
+    objective = [
+        "--config.prediction_type=v_prediction",
+        "--config.rescale_betas_zero_snr=True",
+        "--config.snr_gamma=5",
+        "--config.noise_offset=0.05",
+    ]
     small = ["--config.steps=3", "--config.global_batch_size=4", "--config.save_every=3"]
     run = _run(["train.py", "--config", "configs/tiny.py", "--workdir", tmp_path / "run", *objective, *small])
     assert run.returncode == 0, run.stderr[-3000:]
@@ -455,8 +462,12 @@ def test_train_py_on_two_processes_equals_one_process(tmp_path):
     command = ["train.py", "--config", "configs/tiny.py", "--config.steps=3", "--config.global_batch_size=8"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     single = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    multi = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_NUM_PROCESSES="2",
-                 JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}")  # fmt: skip
+    multi = dict(
+        env,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_NUM_PROCESSES="2",
+        JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
+    )
 
     def start(workdir, run_env):
         argv = [sys.executable, *command, "--workdir", str(workdir)]

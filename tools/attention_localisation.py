@@ -100,9 +100,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
+    from ip2p_jax.foi import FoIConfig, mask_size
     from ip2p_jax.localisation import localisation, noised_maps
     from ip2p_jax.pipeline import InstructPix2PixPipeline
-    from ip2p_jax.sampling import FoIConfig, mask_size
     from ip2p_jax.schedulers import SchedulerConfig
     from ip2p_jax.weights import load_noise_schedule
 

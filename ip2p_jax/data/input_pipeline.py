@@ -35,8 +35,9 @@ class Augmentation:
 
     def __post_init__(self):
         if not self.crop <= self.resize_min <= self.resize_max:
-            raise ValueError(f"need crop <= resize_min <= resize_max, got {self.crop}, {self.resize_min}, "
-                             f"{self.resize_max}")  # fmt: skip
+            raise ValueError(
+                f"need crop <= resize_min <= resize_max, got {self.crop}, {self.resize_min}, {self.resize_max}"
+            )
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"flip_prob must lie in [0, 1], got {self.flip_prob}")
 

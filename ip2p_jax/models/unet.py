@@ -3,7 +3,7 @@
 Parameter names mirror diffusers' module paths (``down_blocks.1.attentions.0`` -> ``down_blocks_1/attentions_0``)
 so that checkpoints convert by name. The call returns ``(eps, aux)``: ``aux`` maps the name of every attention
 layer for which the attention control returned something to that value (``{}`` without a control): cross-attention
-layers (``...attn2``), and self-attention layers (``...attn1``) where the control opts in. See
+layers (``...attn2``), and self-attention layers (``...attn1``) the control takes. See
 ``models/attention.py`` for the control interface.
 """
 
@@ -60,7 +60,12 @@ _FIXED_SETTINGS = {
     "cross_attention_norm": None,
     "addition_embed_type_num_heads": 64,
 }
-_IGNORED_SETTINGS = ("sample_size",)  # informational only
+# Settings read and accepted at any value because they change nothing here.
+_IGNORED_SETTINGS = (
+    "sample_size",  # informational only
+    "use_linear_projection",  # proj_in / proj_out are Dense either way; the loader reshapes 1 x 1 convolutions
+    "upcast_attention",  # the scores always accumulate in float32 (``attention.attention_scores``)
+)
 
 
 def _per_block(value: Any, n: int, name: str) -> tuple:
@@ -87,8 +92,6 @@ class UNetConfig:
     cross_attention_dim: tuple[int, ...] = (1280,) * 4
     num_heads: tuple[int, ...] = (8,) * 4  # diffusers' (misnamed) `attention_head_dim`
     transformer_layers_per_block: tuple[int, ...] = (1,) * 4
-    use_linear_projection: bool = False
-    upcast_attention: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
 
@@ -225,6 +228,16 @@ class BasicTransformerBlock(nn.Module):
         x_btc = x_btc + out
         x_btc = x_btc + FeedForward(self.dtype, name="ff")(norm("norm3")(x_btc))
         return x_btc, aux
+
+
+def level_size(latent_size: tuple[int, int], level: int) -> tuple[int, int]:
+    """Spatial size ``(height, width)`` of the UNet's layers ``level`` downsamplings below the latent: each stride-2
+    3 x 3 convolution (padding 1) maps ``n`` to ``ceil(n / 2)``, so a latent of height 50 and width 75 has levels of
+    (25, 38) and (13, 19), not the floor division's (25, 37) and (12, 18)."""
+    height, width = latent_size
+    for _ in range(level):
+        height, width = -(-height // 2), -(-width // 2)
+    return height, width
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from ip2p_jax.sampling import FOI_CONFIG
+from ip2p_jax.foi import FOI_CONFIG
 from ip2p_jax.weights.files import resolve_folder
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"

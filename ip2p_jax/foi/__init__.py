@@ -1,0 +1,66 @@
+"""Focus on Your Instruction (Guo et al., 2024), in the paper's order, one module a section:
+
+  * ``instructions``: sub-instructions, the composite prompt, token owners and keywords (paper 4, 5.1);
+  * ``masks``: 4.1, masks from IP2P's own cross-attention: Gaussian filter, ``gamma`` rounds of square +
+    min-max, ``tau``; resizing masks to each layer; the union mask;
+  * ``modulation``: 4.2, cross-condition attention modulation ``softmax(X + dX) * M + softmax(Y) * (1 - M)``, an
+    attention control;
+  * ``guidance``: 4.3, decoupled guidance, the text term of IP2P's guidance restricted to the union of the masks;
+  * ``config``: every setting (``FoIConfig``; paper 5.1's defaults) and a model folder's recommended ones;
+  * ``sampler``: the jitted sampler that strings them together.
+
+The paper never released code; this is the project's reading of it, stated in ``docs/foi.md`` next to the
+paper's words. The names below are the package's public ones.
+"""
+
+from ip2p_jax.foi.config import FOI_CONFIG, FoIConfig
+from ip2p_jax.foi.guidance import decoupled_text_mask, in_decoupled_window
+from ip2p_jax.foi.instructions import (
+    SEPARATOR,
+    InstructionError,
+    InstructionTokens,
+    SubInstruction,
+    composite_prompt,
+    instruction_tokens,
+)
+from ip2p_jax.foi.masks import (
+    draw_tau,
+    extract_masks,
+    gaussian_filter,
+    keyword_maps,
+    mask_size,
+    min_max,
+    resize_masks,
+    sharpen,
+    union_mask,
+)
+from ip2p_jax.foi.modulation import FoIModulation, modulated_probs, token_masks, xi
+from ip2p_jax.foi.sampler import FoIInputs, make_foi_sampler
+
+__all__ = [
+    "FOI_CONFIG",
+    "SEPARATOR",
+    "FoIConfig",
+    "FoIInputs",
+    "FoIModulation",
+    "InstructionError",
+    "InstructionTokens",
+    "SubInstruction",
+    "composite_prompt",
+    "decoupled_text_mask",
+    "draw_tau",
+    "extract_masks",
+    "gaussian_filter",
+    "in_decoupled_window",
+    "instruction_tokens",
+    "keyword_maps",
+    "make_foi_sampler",
+    "mask_size",
+    "min_max",
+    "modulated_probs",
+    "resize_masks",
+    "sharpen",
+    "token_masks",
+    "union_mask",
+    "xi",
+]
