@@ -8,7 +8,8 @@ Methods, all from the same seeds (image ``i`` of a batch draws from ``fold_in(PR
 schedule where FoI does), ``foi`` (Focus on Your Instruction, each sub-instruction with its keyword) and FoI's
 ablations ``foi_no_modulation`` and ``foi_no_decoupled_guidance``. For each: edit success per instruction and the
 share of examples with every instruction carried out, the change outside the ground-truth region (mean absolute
-change in levels of 255, and PSNR), and for FoI the mask IoU at mask resolution (``ip2p_jax/evaluation.py``).
+change in levels of 255, and PSNR), and for FoI the mask IoU at mask resolution
+(``ip2p_jax/evaluation/shapes_edit.py``).
 
 Writes ``OUT/results.md`` (a table), ``OUT/results.json`` (settings, aggregates and per-example figures) and
 ``OUT/examples.png`` (input | ground truth | FoI's masks | IP2P | FoI, enlarged 3x).
@@ -137,8 +138,8 @@ def edit_batch(pipe, method: str, foi_config, examples: list[dict], args, seed: 
 
 
 def judge(example: dict, output: np.ndarray, masks) -> dict:
-    """Per-example figures (``ip2p_jax/evaluation.py``)."""
-    from ip2p_jax import evaluation
+    """Per-example figures (``ip2p_jax/evaluation/shapes_edit.py``)."""
+    from ip2p_jax.evaluation import shapes_edit as evaluation
 
     target, regions = example["edited_image"], example["regions"]
     success = [evaluation.edit_success(output, target, region) for region in regions]

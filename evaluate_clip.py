@@ -7,7 +7,7 @@
 Edits the test split of a released-layout data set at each image guidance scale, scores every edit with CLIP
 (image similarity to the input, directional similarity to the caption change) and writes
 ``RESULTS/clip_tradeoff.png`` (the curve), ``clip_tradeoff.md`` (the table) and ``clip_tradeoff.jsonl``.
-``ip2p_jax/clip_evaluation.py`` has the details.
+``ip2p_jax/evaluation/clip_tradeoff.py`` has the details.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
         )
     import tempfile
 
-    from ip2p_jax.clip_evaluation import load_edit_examples, load_shapes_edit_examples, sweep, write_results
+    from ip2p_jax.evaluation.clip_tradeoff import load_edit_examples, load_shapes_edit_examples, sweep, write_results
 
     try:
         if config.data.split("/")[0] == "shapes_edit":  # a TFDS name: ShapesEdit's caption triples

@@ -5,7 +5,7 @@
 
 Reads a JSONL file of {"input", "edit", "output"} triples, generates ``samples_per_triple`` Prompt-to-Prompt pairs
 per triple over the local devices, keeps the best few that pass IP2P's CLIP filter and writes ``seeds.json``,
-``NAME/prompt.json`` and ``NAME/{seed}_0.jpg`` / ``{seed}_1.jpg`` (``ip2p_jax/data_generation.py`` has the
+``NAME/prompt.json`` and ``NAME/{seed}_0.jpg`` / ``{seed}_1.jpg`` (``ip2p_jax/generation/`` has the
 details); ``train.py --config.data=ip2p_original --config.manual_dir=DATA`` trains on the result. A rerun into the
 same folder skips finished triples. Bad triples are reported and skipped; the exit status is then 1.
 """
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("no triples file: give --config.triples=FILE.jsonl")
 
     compilation_cache.enable(_COMPILATION_CACHE.value)
-    from ip2p_jax.data_generation import generate_dataset
+    from ip2p_jax.generation.pairs import generate_dataset
     from ip2p_jax.parallel import maybe_initialize_distributed
 
     maybe_initialize_distributed()

@@ -199,7 +199,8 @@ def ip2p_task(config, workdir: Path, main_process: bool) -> Task:
 
 
 def keyword_localisation(config, unet, vae, vae_params, text, text_params, tokenizer, betas) -> Callable:
-    """``EMA params -> {name: value}``: the instruction keyword's localisation (``ip2p_jax/localisation.py``) on
+    """``EMA params -> {name: value}``: the instruction keyword's localisation
+    (``ip2p_jax/evaluation/localisation.py``) on
     ``eval_count`` fresh ShapesEdit training-distribution edits (drawn past the split's end, so never trained on;
     the test splits stay untouched), conditioned on the input picture as FoI's mask step is."""
     import jax
@@ -207,8 +208,8 @@ def keyword_localisation(config, unet, vae, vae_params, text, text_params, token
     import numpy as np
 
     from ip2p_jax.data import shapes_edit
+    from ip2p_jax.evaluation.localisation import localisation, noised_maps
     from ip2p_jax.foi import SubInstruction, instruction_tokens
-    from ip2p_jax.localisation import localisation, noised_maps
     from ip2p_jax.schedulers import SchedulerConfig
     from ip2p_jax.tokenizer import tokenize
 
@@ -341,10 +342,10 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
 
     from ip2p_jax import parallel
     from ip2p_jax.data import captioned_scenes
-    from ip2p_jax.localisation import localisation, noised_maps
+    from ip2p_jax.evaluation.localisation import localisation, noised_maps
+    from ip2p_jax.generation.text_to_image import TextToImageInputs, TextToImageSettings, make_text_to_image_sampler
     from ip2p_jax.pipeline import postprocess, to_pil
     from ip2p_jax.schedulers import Scheduler, SchedulerConfig
-    from ip2p_jax.text_to_image import TextToImageInputs, TextToImageSettings, make_text_to_image_sampler
     from ip2p_jax.tokenizer import span_token_weights, tokenize
     from ip2p_jax.training.objective import training_objective
     from ip2p_jax.training.text_to_image import TextToImageStepSettings, text_to_image_step

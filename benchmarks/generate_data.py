@@ -54,9 +54,11 @@ def worker_jax(pairs: int, steps: int, repeats: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from ip2p_jax.data_generation import PairGenerator, Triple, TripleWork, load_models, make_candidate
-    from ip2p_jax.prompt_to_prompt import PromptToPrompt
-    from ip2p_jax.text_to_image import TextToImageInputs, make_text_to_image_sampler
+    from ip2p_jax.generation.candidates import make_candidate
+    from ip2p_jax.generation.pairs import PairGenerator, TripleWork, load_models
+    from ip2p_jax.generation.prompt_to_prompt import PromptToPrompt
+    from ip2p_jax.generation.text_to_image import TextToImageInputs, make_text_to_image_sampler
+    from ip2p_jax.generation.triples import Triple
 
     config = load_tiny_config(pairs, steps)
     with tempfile.TemporaryDirectory() as workdir:
@@ -84,8 +86,8 @@ def worker_jax(pairs: int, steps: int, repeats: int) -> dict:
 
     def capture():
         nonlocal inputs
+        from ip2p_jax.generation.text_to_image import PromptToPromptInputs
         from ip2p_jax.parallel import batch_sharded, pad_batch
-        from ip2p_jax.text_to_image import PromptToPromptInputs
 
         sharding = batch_sharded(generator.mesh)
         inputs = PromptToPromptInputs(

@@ -77,7 +77,7 @@ def write_model(config: dict, folder: Path) -> None:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from ip2p_jax.vocabulary import write_clip_vocab
+    from ip2p_jax.tokenizer import write_clip_vocab
 
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_vocab(folder.parent / "vocab", WORDS))

@@ -133,7 +133,7 @@ def tiny_tokenizer(folder: Path):
     """A CLIP tokenizer over ``TINY_WORDS``, its files written to ``folder``."""
     from transformers import CLIPTokenizer
 
-    from ip2p_jax.vocabulary import write_clip_vocab
+    from ip2p_jax.tokenizer import write_clip_vocab
 
     return CLIPTokenizer.from_pretrained(str(write_clip_vocab(Path(folder), TINY_WORDS)))
 

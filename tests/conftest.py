@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ip2p_jax import compilation_cache
-from ip2p_jax.vocabulary import write_clip_vocab
+from ip2p_jax.tokenizer import write_clip_vocab
 
 # The programs' persistent compilation cache would write to the home folder and make a test's compile time depend
 # on the tests run before it; tests that need it name a folder of their own.

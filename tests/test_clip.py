@@ -14,7 +14,7 @@ from transformers import CLIPImageProcessorPil
 from transformers import CLIPModel as TorchCLIPModel
 
 from ip2p_jax.clip_preprocess import CLIPImageProcessorConfig, ip2p_pixel_values, preprocess, torch_bicubic_matrix
-from ip2p_jax.metrics import image_embeddings, text_embeddings
+from ip2p_jax.evaluation.clip_metrics import image_embeddings, text_embeddings
 from ip2p_jax.models.clip import CLIPConfig, pool_eos
 from ip2p_jax.tokenizer import tokenize
 from ip2p_jax.weights import CheckpointError, load_clip, load_clip_preprocessor, load_tokenizer

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ip2p_jax.clip_evaluation import (
+from ip2p_jax.evaluation.clip_tradeoff import (
     clip_scores,
     load_edit_examples,
     markdown_table,
@@ -156,8 +156,8 @@ def test_cli_tiny_config(tmp_path):
 
 
 def test_shapes_edit_examples_carry_the_caption_triples(tmp_path):
-    from ip2p_jax.clip_evaluation import load_shapes_edit_examples
     from ip2p_jax.data.shapes_edit import ShapesEditConfig, draw, draw_captions
+    from ip2p_jax.evaluation.clip_tradeoff import load_shapes_edit_examples
 
     examples = load_shapes_edit_examples("shapes_edit/small", "test_single", 3, str(tmp_path / "tfds"))
     config = ShapesEditConfig(name="small", num_train=64, num_test=8)

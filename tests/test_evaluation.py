@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from ip2p_jax import evaluation
 from ip2p_jax.data import shapes
+from ip2p_jax.evaluation import shapes_edit as evaluation
 
 CIRCLE = shapes.ShapeObject("circle", "red", 20, 20, 10)
 SCENE = shapes.Scene("gray", False, (CIRCLE, shapes.ShapeObject("square", "green", 46, 46, 9)))
@@ -76,7 +76,7 @@ def test_mask_iou_at_the_mask_resolution():
 def test_generated_scene_colours_judges_what_a_picture_contains():
     """A scene's own rendering has everything; repainting an object or the background is caught."""
     from ip2p_jax.data.shapes import BACKGROUND_COLOURS, OBJECT_COLOURS, Scene, ShapeObject
-    from ip2p_jax.evaluation import generated_scene_colours
+    from ip2p_jax.evaluation.shapes_edit import generated_scene_colours
 
     scene = Scene("white", True, (ShapeObject("circle", "red", 16, 16, 10), ShapeObject("square", "blue", 44, 44, 9)))
     image = scene.render()
@@ -104,7 +104,7 @@ def test_generated_pair_judgement_tells_a_done_edit_from_an_undone_one():
     """Hand-made generated pairs: objects placed elsewhere than in the scene (a generator places them freely);
     the edit carried out, not carried out, or done on the wrong object; edits the pixels cannot judge."""
     from ip2p_jax.data.shapes import OBJECT_COLOURS, Edit, Scene, ShapeObject, apply_edit
-    from ip2p_jax.evaluation import generated_pair_judgement
+    from ip2p_jax.evaluation.shapes_edit import generated_pair_judgement
 
     scene = Scene("gray", False, (ShapeObject("circle", "red", 16, 16, 10), ShapeObject("square", "blue", 44, 44, 9)))
     drawn = Scene("gray", False, (ShapeObject("circle", "red", 44, 20, 10), ShapeObject("square", "blue", 18, 46, 9)))

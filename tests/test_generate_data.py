@@ -18,16 +18,16 @@ from conftest import IP2P_SCHEDULER_CONFIG, make_text_encoder, make_unet, make_v
 from PIL import Image
 from test_clip import make_clip
 
-from ip2p_jax.data_generation import (
+from ip2p_jax.generation.candidates import (
     SCORE_NAMES,
     Candidate,
     FilterThresholds,
     candidate_seeds,
-    generate_dataset,
     make_candidate,
-    read_triples,
     select,
 )
+from ip2p_jax.generation.pairs import generate_dataset
+from ip2p_jax.generation.triples import read_triples
 
 ROOT = Path(__file__).parents[1]
 
@@ -310,7 +310,7 @@ EIGHT_DEVICES = """
 import importlib.util, json, sys
 from pathlib import Path
 import jax
-from ip2p_jax.data_generation import generate_dataset
+from ip2p_jax.generation.pairs import generate_dataset
 from ip2p_jax.parallel import data_mesh
 
 NAMES = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
@@ -377,7 +377,7 @@ def test_shapes_triples_are_the_training_examples_captions(tmp_path):
 def test_offline_filter_and_export_reproduce_the_generated_data_set(generated, tmp_path):
     """tools/judge_generated_pairs.py re-applies the filter to the saved scores and writes the kept pairs from the
     saved candidate pictures: with the generation's own thresholds it rebuilds the same data set, byte for byte."""
-    from ip2p_jax.data_generation import FilterThresholds
+    from ip2p_jax.generation.candidates import FilterThresholds
 
     config, out, _, _ = generated
     spec = importlib.util.spec_from_file_location("judge_generated_pairs", ROOT / "tools" / "judge_generated_pairs.py")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ip2p_jax.localisation import localisation, noised_maps
+from ip2p_jax.evaluation.localisation import localisation, noised_maps
 from ip2p_jax.models.attention import AttentionControl
 from ip2p_jax.training.clip import contrastive_loss, retrieval_top1
 from ip2p_jax.training.grounding import grounding_losses, region_shares

@@ -6,7 +6,7 @@ import torch
 from conftest import max_relative_error, perturb_
 from transformers import CLIPConfig, CLIPModel
 
-from ip2p_jax.metrics import (
+from ip2p_jax.evaluation.clip_metrics import (
     cosine_similarity,
     directional_similarity,
     edit_similarities,

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 from conftest import IP2P_SCHEDULER_CONFIG, make_text_encoder, make_unet
 
-from ip2p_jax.models.attention import Compose, LayerInfo, RecordCrossAttention, attention_scores, combine_values
-from ip2p_jax.parallel import data_mesh
-from ip2p_jax.prompt_to_prompt import (
+from ip2p_jax.generation.prompt_to_prompt import (
     AlignmentError,
     PromptToPrompt,
     align_prompts,
@@ -19,8 +17,7 @@ from ip2p_jax.prompt_to_prompt import (
     shares_attention,
     word_swap_alignment,
 )
-from ip2p_jax.schedulers import Scheduler
-from ip2p_jax.text_to_image import (
+from ip2p_jax.generation.text_to_image import (
     PromptToPromptInputs,
     PromptToPromptSettings,
     TextToImageInputs,
@@ -28,6 +25,9 @@ from ip2p_jax.text_to_image import (
     make_prompt_to_prompt_sampler,
     make_text_to_image_sampler,
 )
+from ip2p_jax.models.attention import Compose, LayerInfo, RecordCrossAttention, attention_scores, combine_values
+from ip2p_jax.parallel import data_mesh
+from ip2p_jax.schedulers import Scheduler
 from ip2p_jax.tokenizer import tokenize
 from ip2p_jax.weights import load_text_encoder, load_tokenizer, load_unet
 

@@ -1,7 +1,8 @@
 """Word localisation of any model folder: do its words' cross-attention maps land on the things they name?
 
 FoI's masks are read from the keyword's cross-attention, so this is the question behind them
-(``ip2p_jax/localisation.py`` says how it is measured). ``--context scene`` (a text-to-image folder's default): the
+(``ip2p_jax/evaluation/localisation.py`` says how it is measured). ``--context scene`` (a text-to-image folder's
+default): the
 prompts are full captions of held-out scenes of the captioned-scene stream and the words are each object's shape
 word and ``background``. ``--context instruction`` (an InstructPix2Pix folder's default): ``test_single``'s
 instructions, the word is the instruction's keyword and its region the edit's; an 8-channel UNet also gets the
@@ -100,8 +101,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
+    from ip2p_jax.evaluation.localisation import localisation, noised_maps
     from ip2p_jax.foi import FoIConfig, mask_size
-    from ip2p_jax.localisation import localisation, noised_maps
     from ip2p_jax.pipeline import InstructPix2PixPipeline
     from ip2p_jax.schedulers import SchedulerConfig
     from ip2p_jax.weights import load_noise_schedule

@@ -36,7 +36,7 @@ def real_pair_scores(clip_folder: str, start: int, count: int, batch: int = 100)
 
     from ip2p_jax.clip_preprocess import ip2p_pixel_values
     from ip2p_jax.data import shapes_edit
-    from ip2p_jax.metrics import edit_similarities
+    from ip2p_jax.evaluation.clip_metrics import edit_similarities
     from ip2p_jax.tokenizer import tokenize
     from ip2p_jax.weights import load_clip, load_tokenizer
 
@@ -69,8 +69,8 @@ def judge_folder(data: Path, triples: dict[int, dict]) -> list[dict]:
     from PIL import Image
 
     from ip2p_jax.data import shapes_edit
-    from ip2p_jax.data_generation import FINISHED
-    from ip2p_jax.evaluation import generated_pair_judgement
+    from ip2p_jax.evaluation.shapes_edit import generated_pair_judgement
+    from ip2p_jax.generation.layout import FINISHED
 
     config = shapes_edit.ShapesEdit.BUILDER_CONFIGS[0]
     records = []
@@ -103,7 +103,7 @@ def summary(records: list[dict]) -> dict:
 
 def candidate_of(record: dict):
     """A saved candidate's record as a ``data_generation.Candidate`` (scores, no pictures)."""
-    from ip2p_jax.data_generation import Candidate
+    from ip2p_jax.generation.candidates import Candidate
 
     scores = {name: record[name] for name in SCORE_NAMES}
     return Candidate(record["seed"], record["p2p_threshold"], record["cfg_scale"], scores)
@@ -112,7 +112,7 @@ def candidate_of(record: dict):
 def refilter(records: list[dict], thresholds) -> list[dict]:
     """``records`` with ``kept`` recomputed per triple by IP2P's filter with ``thresholds`` (a
     ``data_generation.FilterThresholds``): the filter is a function of the saved scores alone."""
-    from ip2p_jax.data_generation import select
+    from ip2p_jax.generation.candidates import select
 
     by_triple: dict[int, list[dict]] = {}
     for record in records:
@@ -129,7 +129,7 @@ def calibrate(records: list[dict], max_kept: int, min_yield: float = 0.5):
     """The thresholds, among each score's quartiles of ``records`` (or none), whose filter keeps the largest share
     of correct pairs among the judged ones it keeps, while at least ``min_yield`` of the triples keep a pair; one
     threshold for both image-caption scores, as IP2P has. Returns ``(FilterThresholds, that share, yield)``."""
-    from ip2p_jax.data_generation import FilterThresholds
+    from ip2p_jax.generation.candidates import FilterThresholds
 
     def levels(name):
         return [-1.0, *np.percentile([r[name] for r in records], [25, 50, 75]).tolist()]
@@ -197,7 +197,8 @@ def export(data: Path, records: list[dict], triples: dict[int, dict], out: Path)
     ``out``, from the saved candidate pictures; returns the triples listed in ``seeds.json``."""
     from PIL import Image
 
-    from ip2p_jax.data_generation import Triple, write_seeds_json, write_triple
+    from ip2p_jax.generation.layout import write_seeds_json, write_triple
+    from ip2p_jax.generation.triples import Triple
 
     by_triple: dict[int, list[dict]] = {}
     for record in records:
@@ -250,7 +251,7 @@ def main(argv=None) -> dict:
             print(f"{name}: percentile {args.percentile:g} = {result[name]:.3f} (quartiles {quartiles})")
         return result
 
-    from ip2p_jax.data_generation import SETTINGS_FILE
+    from ip2p_jax.generation.layout import SETTINGS_FILE
 
     if not (args.data / SETTINGS_FILE).is_file():
         parser.error(f"{args.data} is not a generate_data.py folder (no {SETTINGS_FILE})")

@@ -3,8 +3,8 @@
 The text tower is ``models/clip_text.py``'s; this file adds the vision transformer (a ViT whose patch embedding is
 a convolution without bias, with a learned class token, ``pre_layrnorm`` before the encoder and ``post_layernorm``
 on the class token), the two projections into the joint space and ``logit_scale``. Used for the CLIP metrics of
-IP2P's data generation and evaluation (``ip2p_jax/metrics.py``): OpenAI's ViT-L/14 and PickScore (a fine-tuned
-OpenCLIP ViT-H/14) are both this module with different settings.
+IP2P's data generation and evaluation (``ip2p_jax/evaluation/clip_metrics.py``): OpenAI's ViT-L/14 and PickScore
+(a fine-tuned OpenCLIP ViT-H/14) are both this module with different settings.
 
 Parameter names mirror transformers' (``vision_model.encoder.layers.0.self_attn.q_proj`` ->
 ``vision_model/encoder/layers_0/self_attn/q_proj``); ``vision_model.embeddings.class_embedding`` and

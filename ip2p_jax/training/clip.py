@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ip2p_jax.metrics import l2_normalize
+from ip2p_jax.evaluation.clip_metrics import l2_normalize
 from ip2p_jax.models.clip import CLIPModel
 from ip2p_jax.training.state import TrainState, apply_gradients, norm_metrics
 

@@ -2,7 +2,7 @@
 from (``config.model = "new"`` in ``train.py``): an InstructPix2Pix or Stable Diffusion folder, or a CLIP.
 
 The architectures are diffusers / transformers config dicts, so the folder loads with our loaders and with
-diffusers'. The tokenizer is a small CLIP BPE vocabulary over the given words (``vocabulary.py``); the text
+diffusers'. The tokenizer is a small CLIP BPE vocabulary over the given words (``tokenizer.write_clip_vocab``); the text
 encoder stays as initialised (training keeps it frozen). The VAE is either initialised here or copied from a
 trained VAE folder (``vae/config.json`` + weights, as ``export.py`` writes an autoencoder run).
 """
@@ -49,7 +49,7 @@ def write_new_model(
     import jax
     from transformers import CLIPTokenizer
 
-    from ip2p_jax.vocabulary import write_clip_vocab
+    from ip2p_jax.tokenizer import write_clip_vocab
     from ip2p_jax.weights import export, load_clip
 
     folder = Path(folder)
@@ -113,7 +113,7 @@ def write_new_clip(
     from transformers import CLIPTokenizer
 
     from ip2p_jax.models.clip import CLIPConfig, CLIPModel
-    from ip2p_jax.vocabulary import write_clip_vocab
+    from ip2p_jax.tokenizer import write_clip_vocab
     from ip2p_jax.weights import export
 
     folder = Path(folder)

@@ -35,7 +35,7 @@ def tiny_models(workdir: Path, seed: int, in_channels: int = 8):
     from transformers import CLIPTokenizer
 
     from ip2p_jax.random_models import random_text_encoder, random_unet, random_vae
-    from ip2p_jax.vocabulary import write_clip_vocab
+    from ip2p_jax.tokenizer import write_clip_vocab
 
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_vocab(Path(workdir) / "tokenizer", TINY_WORDS))
     unet_key, vae_key, text_key = jax.random.split(jax.random.key(seed), 3)

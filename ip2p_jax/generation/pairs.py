@@ -29,7 +29,6 @@ and guidance scale, so a rerun produces the same pairs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -40,262 +39,38 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from ip2p_jax.clip_preprocess import ip2p_pixel_values
-from ip2p_jax.metrics import directional_similarity, image_similarity, text_image_similarity
-from ip2p_jax.models.clip import CLIPModel
-from ip2p_jax.parallel import batch_sharded, data_mesh, pad_batch, padded_size, replicated
-from ip2p_jax.prompt_to_prompt import AlignmentError, TokenAlignment, align_prompts
-from ip2p_jax.random_models import TextToImageModels, tiny_clip, tiny_text_to_image
-from ip2p_jax.text_to_image import (
+from ip2p_jax.evaluation.clip_metrics import directional_similarity, image_similarity, text_image_similarity
+from ip2p_jax.generation.candidates import (
+    SCORE_NAMES,
+    Candidate,
+    FilterThresholds,
+    candidate_seeds,
+    make_candidate,
+    rank_key,
+    select,
+)
+from ip2p_jax.generation.layout import (
+    RESULT_SETTINGS,
+    check_settings,
+    is_finished,
+    write_candidate,
+    write_seeds_json,
+    write_triple,
+)
+from ip2p_jax.generation.prompt_to_prompt import AlignmentError, TokenAlignment, align_prompts
+from ip2p_jax.generation.text_to_image import (
     PromptToPromptInputs,
     PromptToPromptSettings,
     TextToImageSettings,
     make_prompt_to_prompt_sampler,
 )
+from ip2p_jax.generation.triples import Triple, TripleError, read_triples
+from ip2p_jax.models.clip import CLIPModel
+from ip2p_jax.parallel import batch_sharded, data_mesh, pad_batch, padded_size, replicated
+from ip2p_jax.random_models import TextToImageModels, tiny_clip, tiny_text_to_image
 from ip2p_jax.tokenizer import tokenize
-
-TRIPLE_KEYS = ("input", "edit", "output")
-SCORE_NAMES = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")  # the reference's metadata keys
-FINISHED = "metadata.jsonl"
-SETTINGS_FILE = "generation.json"
-# Config keys that change the pictures or the selection; a rerun into the same folder must not change them.
-RESULT_SETTINGS = (
-    "model",
-    "clip",
-    "resolution",
-    "steps",
-    "scheduler",
-    "samples_per_triple",
-    "max_kept",
-    "p2p_min",
-    "p2p_max",
-    "cfg_min",
-    "cfg_max",
-    "clip_threshold",
-    "clip_dir_threshold",
-    "clip_img_threshold",
-    "alignment",
-    "cross_attention",
-    "self_attention",
-    "self_attention_max_size",
-    "seed",
-    "dtype",
-)
-
-
-class TripleError(ValueError):
-    """A triple that cannot be generated: not a JSON object, a missing or empty caption, a caption over 77
-    tokens, captions that do not align as asked."""
-
-
-# ---------------------------------------------------------------------------------------------- triples
-
-
-@dataclasses.dataclass(frozen=True)
-class Triple:
-    """One line of the triples file.
-
-    Attributes:
-      index: 0-based line number (blank lines count).
-      input, edit, output: input caption, instruction, edited caption.
-    """
-
-    index: int
-    input: str
-    edit: str
-    output: str
-
-    @property
-    def name(self) -> str:
-        """The triple's folder, as the reference names it."""
-        return f"{self.index:07d}"
-
-
-def parse_triple(index: int, line: str) -> Triple:
-    """One JSONL line -> ``Triple``; raises ``TripleError`` naming what is wrong."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise TripleError(f"not JSON ({error})") from error
-    if not isinstance(record, dict):
-        raise TripleError(f"not a JSON object: {type(record).__name__}")
-    missing = [key for key in TRIPLE_KEYS if key not in record]
-    if missing:
-        raise TripleError(f"missing {missing}")
-    for key in TRIPLE_KEYS:
-        if not isinstance(record[key], str) or not record[key].strip():
-            raise TripleError(f"{key!r} is not a non-empty string: {record[key]!r}")
-    return Triple(index, record["input"], record["edit"], record["output"])
-
-
-def read_triples(path: str | os.PathLike) -> tuple[list[Triple], list[tuple[int, str]]]:
-    """The triples of a JSONL file and the bad lines as ``(line number (1-based), reason)``; blank lines are
-    skipped silently."""
-    triples, errors = [], []
-    with open(path) as lines:
-        for index, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                triples.append(parse_triple(index, line))
-            except TripleError as error:
-                errors.append((index + 1, str(error)))
-    return triples, errors
-
-
-# ---------------------------------------------------------------------------------------------- candidates
-
-
-@dataclasses.dataclass
-class Candidate:
-    """One candidate pair of a triple: its seed, ``p``, guidance scale, and (once generated) scores and images.
-
-    Attributes:
-      scores: ``SCORE_NAMES`` -> float.
-      images: ``(2, H, W, 3)`` uint8, the input and edited image (dropped once the candidate cannot be kept).
-    """
-
-    seed: int
-    p2p_threshold: float
-    cfg_scale: float
-    scores: dict[str, float] = dataclasses.field(default_factory=dict)
-    images: np.ndarray | None = None
-
-    def record(self, **extra) -> dict:
-        return dict(seed=self.seed, p2p_threshold=self.p2p_threshold, cfg_scale=self.cfg_scale, **self.scores, **extra)
-
-
-def candidate_seeds(base_seed: int, triple_index: int, count: int) -> list[int]:
-    """``count`` distinct 32-bit seeds of a triple, a function of ``(base_seed, triple_index)`` only."""
-    rng = np.random.default_rng([base_seed, triple_index])
-    seeds: dict[int, None] = {}
-    while len(seeds) < count:
-        seeds.update(dict.fromkeys(int(s) for s in rng.integers(0, 2**32, count - len(seeds), dtype=np.uint64)))
-    return list(seeds)
-
-
-def make_candidate(seed: int, p2p_range: tuple[float, float], cfg_range: tuple[float, float]) -> Candidate:
-    """A seed's ``p ~ U(p2p_range)`` and guidance scale ``~ U(cfg_range)`` (drawn from the seed, so reproducible)."""
-    p, cfg = np.random.default_rng(seed).random(2)
-    return Candidate(
-        seed=seed,
-        p2p_threshold=float(p2p_range[0] + p * (p2p_range[1] - p2p_range[0])),
-        cfg_scale=float(cfg_range[0] + cfg * (cfg_range[1] - cfg_range[0])),
-    )
-
-
-# ---------------------------------------------------------------------------------------------- filtering
-
-
-@dataclasses.dataclass(frozen=True)
-class FilterThresholds:
-    """IP2P's CLIP filter (the reference's defaults).
-
-    Attributes:
-      text_image: each image's similarity with its caption must be at least this (``--clip-threshold``).
-      directional: the directional similarity must be at least this (``--clip-dir-threshold``).
-      image: the two images' similarity must be at least this (``--clip-img-threshold``).
-      max_kept: at most this many pairs per triple, the best by directional similarity (``--max-out-samples``).
-    """
-
-    text_image: float = 0.2
-    directional: float = 0.2
-    image: float = 0.7
-    max_kept: int = 4
-
-    def passes(self, scores: dict[str, float]) -> bool:
-        """Whether a candidate's scores pass every threshold (each ``>=``, as the reference)."""
-        return (
-            scores["clip_sim_0"] >= self.text_image
-            and scores["clip_sim_1"] >= self.text_image
-            and scores["clip_sim_dir"] >= self.directional
-            and scores["clip_sim_image"] >= self.image
-        )
-
-
-def rank_key(candidate: Candidate) -> tuple[float, int]:
-    """Best first when sorted in reverse: directional similarity, then the larger seed (the reference sorts
-    ``(clip_sim_dir, seed)`` tuples in reverse)."""
-    return candidate.scores["clip_sim_dir"], candidate.seed
-
-
-def select(candidates: Sequence[Candidate], thresholds: FilterThresholds) -> list[Candidate]:
-    """The candidates that pass the thresholds, best first by ``rank_key``, at most ``max_kept``."""
-    passing = [c for c in candidates if thresholds.passes(c.scores)]
-    return sorted(passing, key=rank_key, reverse=True)[: thresholds.max_kept]
-
-
-# ---------------------------------------------------------------------------------------------- layout
-
-
-def is_finished(out: Path, triple: Triple) -> bool:
-    return (out / triple.name / FINISHED).is_file()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-
-
-def write_triple(out: Path, triple: Triple, candidates: Sequence[Candidate], kept: Sequence[Candidate], quality: int):
-    """Writes a finished triple's folder: prompt, kept images, every candidate's scores, then ``metadata.jsonl``."""
-    folder = out / triple.name
-    folder.mkdir(parents=True, exist_ok=True)
-    prompt = {"edit": triple.edit, "input": triple.input, "output": triple.output}
-    (folder / "prompt.json").write_text(json.dumps(prompt))
-    for candidate in kept:
-        for role in (0, 1):
-            Image.fromarray(candidate.images[role]).save(folder / f"{candidate.seed}_{role}.jpg", quality=quality)
-    kept_seeds = {c.seed for c in kept}
-    scores = "".join(json.dumps(c.record(kept=c.seed in kept_seeds)) + "\n" for c in candidates)
-    (folder / "scores.jsonl").write_text(scores)
-    _atomic_write(folder / FINISHED, "".join(json.dumps(c.record()) + "\n" for c in kept))
-
-
-def write_candidate(out: Path, triple: Triple, candidate: Candidate, images: np.ndarray) -> None:
-    """Writes one candidate's two pictures ``(2, H, W, 3)`` losslessly to ``NAME/candidates/`` (to judge what
-    the filter keeps and drops)."""
-    folder = out / triple.name / "candidates"
-    folder.mkdir(parents=True, exist_ok=True)
-    for role in (0, 1):
-        Image.fromarray(images[role]).save(folder / f"{candidate.seed}_{role}.png")
-
-
-def kept_seeds(out: Path, name: str) -> list[str]:
-    """The kept seeds of a finished triple's folder, as strings (as the released ``seeds.json``)."""
-    lines = (out / name / FINISHED).read_text().splitlines()
-    return [str(json.loads(line)["seed"]) for line in lines if line.strip()]
-
-
-def write_seeds_json(out: Path) -> int:
-    """``seeds.json`` from every finished folder that kept a pair, sorted by name (the reference's
-    ``prepare_dataset.py``). Returns the number of triples listed."""
-    entries = []
-    for folder in sorted(p for p in out.iterdir() if p.is_dir() and (p / FINISHED).is_file()):
-        seeds = kept_seeds(out, folder.name)
-        if seeds:
-            entries.append([folder.name, seeds])
-    _atomic_write(out / "seeds.json", json.dumps(entries))
-    return len(entries)
-
-
-def check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Records the result-deciding settings in ``OUT/generation.json``, or checks that a rerun uses the same."""
-    path = out / SETTINGS_FILE
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if changed:
-            details = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise ValueError(f"{out} was generated with other settings ({details}); write to a new folder")
-        return
-    _atomic_write(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------- models
 
 
 @dataclasses.dataclass
@@ -336,9 +111,6 @@ def load_models(config, workdir: Path) -> tuple[TextToImageModels, ClipScorer]:
         module, params = load_clip(config.clip)
         clip = ClipScorer(module, params, load_tokenizer(config.clip, subfolder=""))
     return models, clip
-
-
-# ---------------------------------------------------------------------------------------------- generation
 
 
 @dataclasses.dataclass

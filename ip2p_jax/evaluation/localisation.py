@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ip2p_jax import foi
-from ip2p_jax.evaluation import mask_iou
+from ip2p_jax.evaluation.shapes_edit import mask_iou
 from ip2p_jax.models.attention import RecordCrossAttention, mean_of_layers
 
 

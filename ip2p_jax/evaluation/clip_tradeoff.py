@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from ip2p_jax.clip_preprocess import ip2p_pixel_values
-from ip2p_jax.metrics import (
+from ip2p_jax.evaluation.clip_metrics import (
     directional_similarity,
     image_embeddings,
     image_similarity,

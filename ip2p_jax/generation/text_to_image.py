@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh
 
+from ip2p_jax.generation.prompt_to_prompt import PromptToPrompt, shares_attention
 from ip2p_jax.guidance import classifier_free_guidance
 from ip2p_jax.models.attention import Compose, RecordCrossAttention
-from ip2p_jax.prompt_to_prompt import PromptToPrompt, shares_attention
 from ip2p_jax.sampling.core import denoise, run_steps, start_noise, unet_on_branches
 from ip2p_jax.schedulers import Scheduler
 
