@@ -199,10 +199,9 @@ def ip2p_task(config, workdir: Path, main_process: bool) -> Task:
 
 
 def keyword_localisation(config, unet, vae, vae_params, text, text_params, tokenizer, betas) -> Callable:
-    """``EMA params -> {name: value}``: the instruction keyword's localisation
-    (``ip2p_jax/evaluation/localisation.py``) on
-    ``eval_count`` fresh ShapesEdit training-distribution edits (drawn past the split's end, so never trained on;
-    the test splits stay untouched), conditioned on the input picture as FoI's mask step is."""
+    """``EMA params -> {name: value}``: the instruction keyword's localisation (``ip2p_jax/evaluation/localisation.py``)
+    on ``eval_count`` fresh ShapesEdit training-distribution edits (drawn past the split's end, so never trained on; the
+    test splits stay untouched), conditioned on the input picture as FoI's mask step is."""
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -25,7 +25,14 @@ from ip2p_jax.generation.text_to_image import (
     make_prompt_to_prompt_sampler,
     make_text_to_image_sampler,
 )
-from ip2p_jax.models.attention import Compose, LayerInfo, RecordCrossAttention, attention_scores, combine_values
+from ip2p_jax.models.attention import (
+    AttentionControl,
+    Compose,
+    LayerInfo,
+    RecordCrossAttention,
+    attention_scores,
+    combine_values,
+)
 from ip2p_jax.parallel import data_mesh
 from ip2p_jax.schedulers import Scheduler
 from ip2p_jax.tokenizer import tokenize
@@ -163,6 +170,34 @@ def test_control_replaces_the_edited_text_branch_maps_only(tokenizer):
     assert maps.shape == (pairs, 2, 2, 3, T)
     np.testing.assert_allclose(maps[0, 1], edited.mean(0).reshape(2, 3, T), rtol=1e-6)
     np.testing.assert_allclose(maps[:, 0], plain[0, 0].mean(1).reshape(pairs, 2, 3, T), rtol=1e-6)
+
+
+def test_compose_edge_cases():
+    """A layer no part takes is the plain layer; two parts replacing one layer's output, and a Compose inside a
+    Compose, are errors; a part that replaces the output leaves the others observing the plain probabilities."""
+    heads, dim = 2, 4
+    cross = LayerInfo("mid_block.attentions.0.transformer_blocks.0.attn2", "mid", 0, 1, (2, 3), heads)
+    q = jax.random.normal(jax.random.key(0), (2, 6, heads, dim))
+    k, v = jax.random.normal(jax.random.key(1), (2, 2, T, heads, dim))
+    plain = combine_values(jax.nn.softmax(attention_scores(q, k), -1), v)
+    out, aux = Compose(RecordCrossAttention(sizes=((4, 4),))).attend(q, k, v, cross)
+    np.testing.assert_array_equal(out, plain)
+    assert aux is None
+
+    class Doubling(AttentionControl):
+        def replaces_output(self, layer):
+            return True
+
+        def output(self, q_bqnd, k_bknd, v_bknd, layer):
+            return 2 * combine_values(jax.nn.softmax(attention_scores(q_bqnd, k_bknd), -1), v_bknd), "doubled"
+
+    out, (maps, doubled) = Compose(RecordCrossAttention(), Doubling()).attend(q, k, v, cross)
+    np.testing.assert_allclose(out, 2 * plain, rtol=1e-6)
+    assert doubled == "doubled" and maps.shape == (2, 2, 3, T)
+    with pytest.raises(ValueError, match="more than one control replaces the output"):
+        Compose(Doubling(), Doubling()).attend(q, k, v, cross)
+    with pytest.raises(ValueError, match="not a part of another Compose"):
+        Compose(Compose(Doubling()), RecordCrossAttention())
 
 
 def test_control_injects_self_attention_queries_and_keys():

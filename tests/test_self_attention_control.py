@@ -1,5 +1,6 @@
-"""The attention-control interface's self-attention opt-in, on a tiny UNet: only the layers a control asks for
-reach it, their aux comes back under the attn1 names, and the plain computation there equals the fused path."""
+"""The attention-control protocol on self-attention layers, on a tiny UNet: only the layers a control takes reach
+its probability hook, their aux comes back under the attn1 names, and the explicit computation there equals the
+fused path."""
 
 from __future__ import annotations
 

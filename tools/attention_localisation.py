@@ -2,14 +2,13 @@
 
 FoI's masks are read from the keyword's cross-attention, so this is the question behind them
 (``ip2p_jax/evaluation/localisation.py`` says how it is measured). ``--context scene`` (a text-to-image folder's
-default): the
-prompts are full captions of held-out scenes of the captioned-scene stream and the words are each object's shape
-word and ``background``. ``--context instruction`` (an InstructPix2Pix folder's default): ``test_single``'s
-instructions, the word is the instruction's keyword and its region the edit's; an 8-channel UNet also gets the
-input picture as conditioning, a 4-channel one sees it only noised, which is what the InstructPix2Pix stage starts
-from. ``--context caption``: the same keyword read in the example's input caption. Each table row is a
-timestep; the masks are FoI's own (``--gamma``, ``--tau``: the model folder's ``foi_config.json`` by default),
-and ``--sweep`` adds the IoU over a grid of both.
+default): the prompts are full captions of held-out scenes of the captioned-scene stream and the words are each object's
+shape word and ``background``. ``--context instruction`` (an InstructPix2Pix folder's default): ``test_single``'s
+instructions, the word is the instruction's keyword and its region the edit's; an 8-channel UNet also gets the input
+picture as conditioning, a 4-channel one sees it only noised, which is what the InstructPix2Pix stage starts from.
+``--context caption``: the same keyword read in the example's input caption. Each table row is a timestep; the masks are
+FoI's own (``--gamma``, ``--tau``: the model folder's ``foi_config.json`` by default), and ``--sweep`` adds the IoU over
+a grid of both.
 
     python tools/attention_localisation.py --model models/shapes-t2i
     python tools/attention_localisation.py --model models/shapes-t2i --context instruction --sweep

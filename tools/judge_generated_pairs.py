@@ -7,7 +7,7 @@ Two commands:
   were set for OpenAI's ViT-L/14, so for the small CLIP each threshold is re-derived as the score that this share
   of real pairs falls below.
 * ``judge``: every candidate of a data set generated with ``save_candidates`` (its triples written by
-  ``tools/shapes_triples.py``) judged by ``evaluation.generated_pair_judgement``: the share of correct pairs and the
+  ``tools/shapes_triples.py``) judged by ``shapes_edit.generated_pair_judgement``: the share of correct pairs and the
   change outside, over all candidates and over those the CLIP filter kept, by edit kind and by Prompt-to-Prompt's
   ``p``; optionally a picture of kept and rejected pairs.
 
@@ -102,7 +102,7 @@ def summary(records: list[dict]) -> dict:
 
 
 def candidate_of(record: dict):
-    """A saved candidate's record as a ``data_generation.Candidate`` (scores, no pictures)."""
+    """A saved candidate's record as a ``candidates.Candidate`` (scores, no pictures)."""
     from ip2p_jax.generation.candidates import Candidate
 
     scores = {name: record[name] for name in SCORE_NAMES}
@@ -111,7 +111,7 @@ def candidate_of(record: dict):
 
 def refilter(records: list[dict], thresholds) -> list[dict]:
     """``records`` with ``kept`` recomputed per triple by IP2P's filter with ``thresholds`` (a
-    ``data_generation.FilterThresholds``): the filter is a function of the saved scores alone."""
+    ``candidates.FilterThresholds``): the filter is a function of the saved scores alone."""
     from ip2p_jax.generation.candidates import select
 
     by_triple: dict[int, list[dict]] = {}
@@ -193,7 +193,7 @@ def draw_grid(data: Path, records: list[dict], path: Path, rows: int = 8) -> Non
 
 
 def export(data: Path, records: list[dict], triples: dict[int, dict], out: Path) -> int:
-    """Writes the kept pairs of ``records`` in the released layout (``data_generation``'s module docstring) to
+    """Writes the kept pairs of ``records`` in the released layout (``ip2p_jax.generation.pairs``' module docstring) to
     ``out``, from the saved candidate pictures; returns the triples listed in ``seeds.json``."""
     from PIL import Image
 

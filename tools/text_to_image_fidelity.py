@@ -4,7 +4,7 @@ Captions of held-out scenes (the ``eval`` stream of ``ip2p_jax/data/captioned_sc
 sampled with the model's scheduler and judged two ways, each beside the same judgement of the real scenes (the
 judge's ceiling):
 
-* **colours**, from pixels (``evaluation.generated_scene_colours``): the share of captioned objects whose colour is
+* **colours**, from pixels (``shapes_edit.generated_scene_colours``): the share of captioned objects whose colour is
   present, of pictures with every one, of pictures with an object colour the caption does not name, and of pictures
   with the captioned background colour;
 * **shapes**, by the lineage's CLIP: for each object, its caption against the same caption with that object's shape

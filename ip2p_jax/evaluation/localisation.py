@@ -5,7 +5,7 @@ model, an instruction with the input picture's latent for InstructPix2Pix), and 
 of every layer of one size are averaged over heads and layers, as FoI's mask step averages them (paper 4.1). Each
 word's map then goes through FoI's own mask extraction (``foi.extract_masks``: Gaussian filter, ``gamma`` rounds of
 square + min-max, threshold ``tau``) and the mask is compared with the word's exact region at the map's size
-(``evaluation.mask_iou``: a cell is inside when at least half of its pixels are). A second, threshold-free figure
+(``shapes_edit.mask_iou``: a cell is inside when at least half of its pixels are). A second, threshold-free figure
 is the map's mean inside the region over its mean everywhere (1: no preference).
 """
 

@@ -2,7 +2,7 @@
 
     eps = e_none + s_I (e_img - e_none) + s_T (e_full - e_img) * M_union
 
-``guidance.dual_guidance`` computes it given the mask (``ip2p_step``'s ``text_mask``); this module says which mask
+``guidance.dual_guidance`` computes it given the mask (``IP2PStep``'s ``text_mask``); this module says which mask
 each step uses.
 """
 

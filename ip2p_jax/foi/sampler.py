@@ -1,4 +1,4 @@
-"""The FoI sampler: IP2P's step (``sampling.ip2p_step``) with FoI's pieces in the paper's order.
+"""The FoI sampler: IP2P's step (``sampling.IP2PStep``) with FoI's pieces in the paper's order.
 
 Plain IP2P steps before ``mask_step``; the mask step (4.1) records the text+image branch's cross-attention and
 cuts the masks; every later step modulates cross-attention (4.2, ``FoIModulation``) and restricts the text

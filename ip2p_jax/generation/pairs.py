@@ -4,7 +4,7 @@ For each triple ``{"input", "edit", "output"}`` (input caption, instruction, edi
 candidate pairs are generated with Stable Diffusion and Prompt-to-Prompt (``text_to_image``), each with its own
 seed, shared-attention fraction ``p ~ U(0.1, 0.9)`` and guidance scale ``~ U(7.5, 15)`` (the reference's
 ``generate_img_dataset.py``), batched over the device mesh across triples. Each pair is scored with CLIP as the
-reference's ``ClipSimilarity`` does (``metrics.edit_similarities`` on ``clip_preprocess.ip2p_pixel_values``) and
+reference's ``ClipSimilarity`` does (``clip_metrics.edit_similarities`` on ``clip_preprocess.ip2p_pixel_values``) and
 kept when
 
     cos(image_0, input caption) >= 0.2 and cos(image_1, output caption) >= 0.2     (image-caption)

@@ -138,7 +138,9 @@ class Compose(AttentionControl):
     A layer is taken when any of them takes it. The probabilities pass through the controls that take the layer
     in order (the second sees the first's), so a recorder placed last records what the layer used. At most one of
     them may replace a layer's output; when one does, it computes the output and the others' ``probabilities``
-    see the layer's plain ``softmax(scores)`` (they observe; their changes do not reach the output).
+    see the layer's plain ``softmax(scores)``: they observe, and probabilities they change do not reach the output
+    (``Compose(PromptToPrompt(...), FoIModulation(...))`` would drop Prompt-to-Prompt's replacement in the
+    cross-attention layers FoI takes). A ``Compose`` is not a part of another: list its parts instead.
 
     The UNet's aux for a layer is a tuple with one entry per control (``None`` where it returned nothing);
     ``split`` turns the UNet's aux into one dict per control.
@@ -151,7 +153,10 @@ class Compose(AttentionControl):
 
     def __init__(self, *controls: AttentionControl, parts: tuple[AttentionControl, ...] | None = None):
         # ``parts=`` is how JAX's unflattening and ``replace`` rebuild the dataclass.
-        object.__setattr__(self, "parts", tuple(controls) if parts is None else tuple(parts))
+        parts = tuple(controls) if parts is None else tuple(parts)
+        if any(isinstance(part, Compose) for part in parts):
+            raise ValueError("a Compose is not a part of another Compose: list its parts instead")
+        object.__setattr__(self, "parts", parts)
 
     def controls(self, layer):
         return any(part.controls(layer) for part in self.parts)
@@ -162,6 +167,8 @@ class Compose(AttentionControl):
         if len(replacing) > 1:
             names = ", ".join(type(self.parts[i]).__name__ for i in replacing)
             raise ValueError(f"{layer.name}: more than one control replaces the output ({names})")
+        if not taking:  # the plain layer
+            return AttentionControl().output(q_bqnd, k_bknd, v_bknd, layer)
         aux = [None] * len(self.parts)
         observers = [i for i in taking if i not in replacing]
         if observers:
