@@ -18,8 +18,8 @@ from conftest import IP2P_SCHEDULER_CONFIG, make_text_encoder, make_unet, make_v
 from PIL import Image
 from test_clip import make_clip
 
+from ip2p_jax.evaluation.clip_metrics import SCORE_NAMES
 from ip2p_jax.generation.candidates import (
-    SCORE_NAMES,
     Candidate,
     FilterThresholds,
     candidate_seeds,

@@ -104,10 +104,10 @@ def test_model_scores_equal_the_reference(tiny_clip, tokenizer_dir):
     )
     cos = torch.nn.functional.cosine_similarity
     expected = {
-        "text_image_0": cos(image_0, text_0),
-        "text_image_1": cos(image_1, text_1),
-        "directional": cos(image_1 - image_0, text_1 - text_0),
-        "image": cos(image_0, image_1),
+        "clip_sim_0": cos(image_0, text_0),
+        "clip_sim_1": cos(image_1, text_1),
+        "clip_sim_dir": cos(image_1 - image_0, text_1 - text_0),
+        "clip_sim_image": cos(image_0, image_1),
     }
     assert set(ours) == set(expected)
     for name, value in expected.items():

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-SCORE_NAMES = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
+from ip2p_jax.evaluation.clip_metrics import SCORE_NAMES
+
 P_BINS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
@@ -59,8 +60,8 @@ def real_pair_scores(clip_folder: str, start: int, count: int, batch: int = 100)
             tokenize(tokenizer, [c[0] for c in captions]),
             tokenize(tokenizer, [c[1] for c in captions]),
         )
-        for name, key in zip(SCORE_NAMES, ("text_image_0", "text_image_1", "directional", "image"), strict=True):
-            scores[name].extend(np.asarray(result[key]).tolist())
+        for name in SCORE_NAMES:
+            scores[name].extend(np.asarray(result[name]).tolist())
     return {name: np.asarray(values) for name, values in scores.items()}
 
 

@@ -84,6 +84,24 @@ def text_embeddings(module: CLIPModel, params: dict, input_ids_bt: jax.Array) ->
     return module.apply({"params": params}, input_ids_bt, method=CLIPModel.get_text_features)
 
 
+SCORE_NAMES = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")  # the reference's metadata keys
+
+
+def edit_scores(
+    image_embeds_0: jax.Array, image_embeds_1: jax.Array, text_embeds_0: jax.Array, text_embeds_1: jax.Array
+) -> dict[str, jax.Array]:
+    """The IP2P reference's four CLIP scores of edits ``(x0, c0) -> (x1, c1)`` from raw embeddings ``(..., P)``,
+    under the reference's names (``SCORE_NAMES``): each image against its caption (``clip_sim_0``,
+    ``clip_sim_1``), the directional similarity (``clip_sim_dir``) and the input-edited image similarity
+    (``clip_sim_image``)."""
+    return {
+        "clip_sim_0": text_image_similarity(image_embeds_0, text_embeds_0),
+        "clip_sim_1": text_image_similarity(image_embeds_1, text_embeds_1),
+        "clip_sim_dir": directional_similarity(image_embeds_0, image_embeds_1, text_embeds_0, text_embeds_1),
+        "clip_sim_image": image_similarity(image_embeds_0, image_embeds_1),
+    }
+
+
 def edit_similarities(
     module: CLIPModel,
     params: dict,
@@ -100,20 +118,14 @@ def edit_similarities(
       input_ids_0, input_ids_1: ``(B, T)`` token ids of the input and edited captions.
 
     Returns:
-      ``{"text_image_0", "text_image_1", "directional", "image"}``, each ``(B,)`` float32: each image against
-      its caption, the directional similarity, and the input-edited image similarity.
+      ``edit_scores``' four scores, each ``(B,)`` float32.
     """
     batch = pixel_values_0.shape[0]
     # One call per tower on both halves: one compilation and one dispatch each.
     images = image_embeddings(module, params, jnp.concatenate([pixel_values_0, pixel_values_1]))
     texts = text_embeddings(module, params, jnp.concatenate([input_ids_0, input_ids_1]))
     image_0, image_1, text_0, text_1 = images[:batch], images[batch:], texts[:batch], texts[batch:]
-    return {
-        "text_image_0": text_image_similarity(image_0, text_0),
-        "text_image_1": text_image_similarity(image_1, text_1),
-        "directional": directional_similarity(image_0, image_1, text_0, text_1),
-        "image": image_similarity(image_0, image_1),
-    }
+    return edit_scores(image_0, image_1, text_0, text_1)
 
 
 def pick_scores(module: CLIPModel, params: dict, pixel_values_bhwc: jax.Array, input_ids_bt: jax.Array) -> jax.Array:

@@ -31,13 +31,7 @@ import numpy as np
 from PIL import Image
 
 from ip2p_jax.clip_preprocess import ip2p_pixel_values
-from ip2p_jax.evaluation.clip_metrics import (
-    directional_similarity,
-    image_embeddings,
-    image_similarity,
-    text_embeddings,
-    text_image_similarity,
-)
+from ip2p_jax.evaluation.clip_metrics import edit_scores, image_embeddings, text_embeddings
 from ip2p_jax.tokenizer import tokenize
 
 # The reference's sweep (compute_metrics.py) and its fixed text guidance.
@@ -137,12 +131,7 @@ def clip_scores(clip_module, clip_params, clip_tokenizer, inputs_01, edited_01, 
     image_1 = image_embeddings(clip_module, clip_params, ip2p_pixel_values(jnp.asarray(edited_01), size))
     text_0 = text_embeddings(clip_module, clip_params, tokenize(clip_tokenizer, list(input_captions)))
     text_1 = text_embeddings(clip_module, clip_params, tokenize(clip_tokenizer, list(output_captions)))
-    return {
-        "clip_sim_0": np.asarray(text_image_similarity(image_0, text_0)),
-        "clip_sim_1": np.asarray(text_image_similarity(image_1, text_1)),
-        "clip_sim_dir": np.asarray(directional_similarity(image_0, image_1, text_0, text_1)),
-        "clip_sim_image": np.asarray(image_similarity(image_0, image_1)),
-    }
+    return {name: np.asarray(value) for name, value in edit_scores(image_0, image_1, text_0, text_1).items()}
 
 
 def sweep(

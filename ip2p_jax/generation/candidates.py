@@ -8,15 +8,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-SCORE_NAMES = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")  # the reference's metadata keys
-
 
 @dataclasses.dataclass
 class Candidate:
     """One candidate pair of a triple: its seed, ``p``, guidance scale, and (once generated) scores and images.
 
     Attributes:
-      scores: ``SCORE_NAMES`` -> float.
+      scores: ``clip_metrics.SCORE_NAMES`` -> float.
       images: ``(2, H, W, 3)`` uint8, the input and edited image (dropped once the candidate cannot be kept).
     """
 

@@ -41,9 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ip2p_jax.clip_preprocess import ip2p_pixel_values
-from ip2p_jax.evaluation.clip_metrics import directional_similarity, image_similarity, text_image_similarity
+from ip2p_jax.evaluation.clip_metrics import SCORE_NAMES, edit_scores
 from ip2p_jax.generation.candidates import (
-    SCORE_NAMES,
     Candidate,
     FilterThresholds,
     candidate_seeds,
@@ -180,12 +179,7 @@ class PairGenerator:
                 {"params": clip_params}, ip2p_pixel_values(images, clip_size), method=CLIPModel.get_image_features
             ).reshape(latents_b2hwc.shape[0], 2, -1)
             image_0, image_1, text_0, text_1 = embeds[:, 0], embeds[:, 1], clip_text_b2p[:, 0], clip_text_b2p[:, 1]
-            scores = {
-                "clip_sim_0": text_image_similarity(image_0, text_0),
-                "clip_sim_1": text_image_similarity(image_1, text_1),
-                "clip_sim_dir": directional_similarity(image_0, image_1, text_0, text_1),
-                "clip_sim_image": image_similarity(image_0, image_1),
-            }
+            scores = edit_scores(image_0, image_1, text_0, text_1)
             uint8 = jnp.round(images * 255).astype(jnp.uint8)
             return uint8.reshape(*latents_b2hwc.shape[:2], *uint8.shape[1:]), scores
 
