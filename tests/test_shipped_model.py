@@ -1,5 +1,6 @@
 """The shipped ShapesEdit model (``models/shapes-ip2p``): it loads in diffusers and here, README's first command
-runs on it, and ``evaluate.py`` runs end to end on a few ShapesEdit examples."""
+runs on it, and ``evaluate.py`` runs end to end on a few ShapesEdit examples. The model trained on generated pairs
+(``models/shapes-ip2p-generated``, docs/datagen.md) is small, complete and edits as diffusers does too."""
 
 from __future__ import annotations
 
@@ -16,17 +17,20 @@ import sample
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "shapes-ip2p"
+SHIPPED = [MODEL, ROOT / "models" / "shapes-ip2p-generated"]
 
 
-def test_the_model_is_small_and_complete():
-    size = sum(path.stat().st_size for path in MODEL.rglob("*") if path.is_file())
+@pytest.mark.parametrize("model", SHIPPED, ids=lambda path: path.name)
+def test_the_model_is_small_and_complete(model):
+    size = sum(path.stat().st_size for path in model.rglob("*") if path.is_file())
     assert size <= 20 * 2**20, f"{size / 2**20:.1f} MiB"
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json", "foi_config.json"):
-        assert (MODEL / part).exists(), part
+        assert (model / part).exists(), part
 
 
-def test_diffusers_and_we_make_the_same_edit():
-    """diffusers' PyTorch pipeline loads the shipped folder and edits like ours (same latents, Euler, 5 steps)."""
+@pytest.mark.parametrize("model", SHIPPED, ids=lambda path: path.name)
+def test_diffusers_and_we_make_the_same_edit(model):
+    """diffusers' PyTorch pipeline loads a shipped folder and edits like ours (same latents, Euler, 5 steps)."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
@@ -34,16 +38,16 @@ def test_diffusers_and_we_make_the_same_edit():
 
     image = Image.open(ROOT / "examples" / "shapes.png").convert("RGB")
     prompt = "make the circle blue"
-    reference = StableDiffusionInstructPix2PixPipeline.from_pretrained(MODEL, safety_checker=None)
+    reference = StableDiffusionInstructPix2PixPipeline.from_pretrained(model, safety_checker=None)
     reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
     reference.set_progress_bar_config(disable=True)
     latents = np.random.RandomState(0).randn(1, 4, 16, 16).astype("f4")
     settings = dict(num_inference_steps=5, guidance_scale=7.5, image_guidance_scale=1.5, output_type="np")
     expected = reference(prompt, image=image, latents=torch.from_numpy(latents), **settings).images
-    ours = InstructPix2PixPipeline.from_pretrained(MODEL)
+    ours = InstructPix2PixPipeline.from_pretrained(model)
     got = ours(image, prompt, scheduler="euler", latents=latents.transpose(0, 2, 3, 1), **settings).images
     difference = np.abs(np.asarray(got) - expected).max()
-    print(f"shipped model, diffusers against ours, Euler, 5 steps: max abs pixel difference {difference:.2e}")
+    print(f"{model.name}, diffusers against ours, Euler, 5 steps: max abs pixel difference {difference:.2e}")
     assert difference <= 2e-3
 
 
