@@ -1,7 +1,10 @@
 """Measure what Focus on Your Instruction promises, on ShapesEdit's test splits (ground truth known exactly).
 
     python evaluate.py                                   # the shipped model, both test splits, every method
-    python evaluate.py --model DIR --limit 50 --steps 50 --out runs/eval
+    python evaluate.py --model DIR --config.data.limit=50 --config.sample.steps=50 --out runs/eval
+
+Settings (``configs/evaluate.py``): ``data`` (dataset, splits, examples per split), ``methods``, ``sample`` (steps,
+guidance scales, seed, batch) and ``foi`` (unset: the model folder's ``foi_config.json``, else the paper's).
 
 Methods, all from the same seeds (image ``i`` of a batch draws from ``fold_in(PRNGKey(seed + batch), i)``):
 ``ip2p`` (InstructPix2Pix, the composite prompt, full strength), ``ip2p_strength_0.8`` (the same entering the
@@ -30,6 +33,7 @@ from ip2p_jax import compilation_cache
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "models" / "shapes-ip2p"
+CONFIG = ROOT / "configs" / "evaluate.py"  # the data, methods, sampler's and FoI's settings
 METHODS = ("ip2p", "ip2p_strength_0.8", "foi", "foi_no_modulation", "foi_no_decoupled_guidance")
 SPLITS = ("test_single", "test_multi")
 GRID_EXAMPLES = 4  # per split
@@ -37,58 +41,44 @@ ENLARGE = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """``--model``, ``--out`` and the settings of ``--config`` (``configs/evaluate.py``) with its
+    ``--config.GROUP.NAME=VALUE`` overrides, as ``args.config``; the splits and methods as lists, and the model's FoI
+    settings with the overrides, checked before anything is loaded, as ``args.foi_config``."""
+    from ip2p_jax.foi import foi_config
+    from ip2p_jax.script_config import ConfigError, load_config
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="an InstructPix2Pix diffusers folder")
-    parser.add_argument("--dataset", default="shapes_edit", help="TFDS name (and config), e.g. shapes_edit/small")
-    parser.add_argument("--data-dir", default=None, help="TFDS data_dir (default TFDS's)")
-    parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
-    parser.add_argument("--limit", type=int, default=None, help="examples per split (default: all)")
-    parser.add_argument("--steps", type=int, default=100, help="num_inference_steps")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--image-guidance-scale", type=float, default=1.5)
-    parser.add_argument("--batch", type=int, default=25, help="images per sampler call")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "evaluation")
-    parser.add_argument("--compilation-cache", default=None, metavar="DIR", help=compilation_cache.HELP)
     parser.add_argument(
-        "--foi",
-        action="append",
-        default=[],
-        metavar="SETTING=VALUE",
-        help="override a setting of the model's FoI config for every FoI method, e.g. outside_values=image_only, "
-        "gamma=1, tau=0.4 (repeatable)",
+        "--config",
+        default=str(CONFIG),
+        metavar="FILE",
+        help="the settings (default configs/evaluate.py); override any with --config.GROUP.NAME=VALUE, e.g. "
+        "--config.data.limit=50, --config.sample.steps=50, --config.methods=ip2p,foi, --config.foi.gamma=1",
     )
-    args = parser.parse_args(argv)
-    args.splits = [s for s in args.splits.split(",") if s]
-    args.methods = [m for m in args.methods.split(",") if m]
+    parser.add_argument("--compilation-cache", default=None, metavar="DIR", help=compilation_cache.HELP)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        args.config = config = load_config(args.config, overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    args.splits = [s for s in config.data.splits.split(",") if s] or list(SPLITS)
+    args.methods = [m for m in config.methods.split(",") if m] or list(METHODS)
     for split in args.splits:
         if split not in SPLITS:
             parser.error(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
     for method in args.methods:
         if method not in METHODS:
             parser.error(f"unknown method {method!r} (one of {', '.join(METHODS)})")
-    if args.limit is not None and args.limit < 1:
-        parser.error("--limit must be at least 1")
-    if args.steps < 1 or args.batch < 1:
-        parser.error("--steps and --batch must be at least 1")
-    from ip2p_jax.foi import FoIConfig
-
-    overrides = {}
-    for item in args.foi:
-        name, separator, value = item.partition("=")
-        if not separator:
-            parser.error(f"--foi takes SETTING=VALUE, got {item!r}")
-        try:  # numbers, booleans and lists as JSON; anything else is a string
-            overrides[name] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[name] = value
-    if isinstance(overrides.get("tau"), list):
-        overrides["tau"] = tuple(overrides["tau"])
+    if config.data.limit is not None and config.data.limit < 1:
+        parser.error("--config.data.limit must be at least 1")
+    if config.sample.steps < 1 or config.sample.batch < 1:
+        parser.error("--config.sample.steps and --config.sample.batch must be at least 1")
     try:  # the model's FoI settings (its foi_config.json) and the overrides, checked before anything is loaded
-        args.foi_config = FoIConfig.for_model(args.model, **overrides)
+        args.foi_config = foi_config(args.model, config.foi)
     except (TypeError, ValueError) as error:
-        parser.error(str(error))
+        parser.error(f"--config.foi: {error}")
     return args
 
 
@@ -115,9 +105,9 @@ def load_split(builder, split: str, limit: int | None) -> list[dict]:
 def edit_batch(pipe, method: str, foi_config, examples: list[dict], args, seed: int) -> tuple[np.ndarray, list]:
     """``(B, 64, 64, 3)`` float edits in [0, 255] and FoI's ``(K, h, w)`` masks per example (``None`` for IP2P)."""
     common = dict(
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        image_guidance_scale=args.image_guidance_scale,
+        num_inference_steps=args.config.sample.steps,
+        guidance_scale=args.config.sample.guidance_scale,
+        image_guidance_scale=args.config.sample.image_guidance_scale,
         seed=seed,
         output_type="np",
         progress=False,
@@ -186,51 +176,58 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def example_rows(examples: list[dict], edits: dict[str, np.ndarray], masks: list, max_masks: int) -> np.ndarray:
-    """input | ground truth | FoI's masks over the input (``max_masks`` tiles) | IP2P | FoI, one row per example."""
+def example_rows(examples: list[dict], edits: dict[str, np.ndarray], masks: list, max_masks: int) -> list[list]:
+    """input | ground truth | FoI's masks over the input (``max_masks`` tiles, blank where an example has fewer) |
+    IP2P | FoI: one row of PIL tiles per example."""
+    from PIL import Image
+
+    from ip2p_jax.visualisation import mask_overlay
+
+    def picture(pixels) -> Image.Image:
+        return Image.fromarray(np.asarray(pixels, np.float64).round().clip(0, 255).astype(np.uint8))
+
     size = examples[0]["input_image"].shape[0]
+    blank = Image.new("RGB", (size, size), "white")
     rows = []
     for index, example in enumerate(examples):
-        tiles = [example["input_image"], example["edited_image"]]
+        image = picture(example["input_image"])
+        tiles = [image, picture(example["edited_image"])]
+        found = masks[index] if masks[index] is not None else []
         for k in range(max_masks):
-            if masks[index] is not None and k < len(masks[index]):
-                mask = np.kron(masks[index][k], np.ones((size // masks[index].shape[1],) * 2))[..., None]
-                tiles.append(
-                    mask * (0.5 * example["input_image"] + 0.5 * np.array([255, 40, 40]))
-                    + (1 - mask) * 0.35 * example["input_image"]
-                )
+            if k < len(found):
+                tiles.append(mask_overlay(image, np.kron(found[k], np.ones((size // found.shape[1],) * 2))))
             else:
-                tiles.append(np.full((size, size, 3), 255.0))
-        tiles += [edits[name][index] for name in ("ip2p", "foi") if name in edits]
-        rows.append(np.concatenate([np.asarray(t, np.float64) for t in tiles], axis=1))
-    grid = np.concatenate(rows, axis=0).round().clip(0, 255).astype(np.uint8)
-    return np.kron(grid, np.ones((ENLARGE, ENLARGE, 1), np.uint8))
+                tiles.append(blank)
+        tiles += [picture(edits[name][index]) for name in ("ip2p", "foi") if name in edits]
+        rows.append(tiles)
+    return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     compilation_cache.enable(args.compilation_cache)
-    from PIL import Image
     from tqdm import tqdm
 
     from ip2p_jax.data.input_pipeline import prepared_builder
     from ip2p_jax.pipeline import InstructPix2PixPipeline
+    from ip2p_jax.visualisation import grid
     from ip2p_jax.weights import CheckpointError
 
     try:
         pipe = InstructPix2PixPipeline.from_pretrained(args.model)
-        builder = prepared_builder(args.dataset, args.data_dir, None, prepare=True)
+        data_dir = args.config.data.data_dir or None
+        builder = prepared_builder(args.config.data.dataset, data_dir, None, prepare=True)
     except (CheckpointError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     foi_config = args.foi_config
-    data = {split: load_split(builder, split, args.limit) for split in args.splits}
+    data = {split: load_split(builder, split, args.config.data.limit) for split in args.splits}
+    size = args.config.sample.batch
     batches = {
-        split: [examples[i : i + args.batch] for i in range(0, len(examples), args.batch)]
-        for split, examples in data.items()
+        split: [examples[i : i + size] for i in range(0, len(examples), size)] for split, examples in data.items()
     }
     total = sum(len(b) for b in batches.values()) * len(args.methods)
-    results, per_example, grids = {}, {}, []
+    results, per_example, rows = {}, {}, []
     with tqdm(total=total, desc="evaluating") as bar:
         for split, split_batches in batches.items():
             results[split], per_example[split] = {}, {}
@@ -240,7 +237,9 @@ def main(argv=None) -> int:
                 for number, batch in enumerate(split_batches):
                     bar.set_postfix_str(f"{split}, {method}")
                     try:  # a call's settings that do not fit the model, found before anything compiles
-                        edits, masks = edit_batch(pipe, method, foi_config, batch, args, args.seed + number)
+                        edits, masks = edit_batch(
+                            pipe, method, foi_config, batch, args, args.config.sample.seed + number
+                        )
                     except ValueError as error:
                         print(f"error: {method}: {error}", file=sys.stderr)
                         return 1
@@ -253,17 +252,15 @@ def main(argv=None) -> int:
             count = len(next(iter(shown.values()))[0])  # the first batch's examples, at most GRID_EXAMPLES
             masks = shown["foi"][1] if "foi" in shown else [None] * count
             edits = {name: value[0] for name, value in shown.items()}
-            grids.append(example_rows(data[split][:count], edits, masks, max_masks=3))
+            rows += example_rows(data[split][:count], edits, masks, max_masks=3)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
     (args.out / "results.md").write_text(table)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "foi_config"}
-    settings["foi_overrides"], settings["foi"] = settings.pop("foi"), dataclasses.asdict(foi_config)
+    settings = dict(model=args.model, out=str(args.out), splits=args.splits, methods=args.methods)
+    settings["config"], settings["foi"] = args.config.to_dict(), dataclasses.asdict(foi_config)
     record = {"settings": settings, "results": results, "per_example": per_example}
     (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
-    width = max(g.shape[1] for g in grids)
-    padded = [np.pad(g, ((0, 0), (0, width - g.shape[1]), (0, 0)), constant_values=255) for g in grids]
-    Image.fromarray(np.concatenate(padded, axis=0)).save(args.out / "examples.png")
+    grid(rows, enlarge=ENLARGE).save(args.out / "examples.png")
     print(table, file=sys.stderr)
     print(f"wrote {args.out / 'results.md'}, results.json and examples.png", file=sys.stderr)
     return 0

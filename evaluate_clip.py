@@ -33,8 +33,9 @@ def load_editor(config, workdir: Path):
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     if config.model == "tiny":
-        m = tiny_text_to_image(workdir / "vocab", config.seed, in_channels=8, dtype=dtype)
-        pipeline = InstructPix2PixPipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, m.scheduler, m.params)
+        pipeline = InstructPix2PixPipeline.from_stack(
+            tiny_text_to_image(workdir / "vocab", config.seed, in_channels=8, dtype=dtype)
+        )
     else:
         pipeline = InstructPix2PixPipeline.from_pretrained(config.model, dtype=dtype)
     if config.clip == "tiny":

@@ -17,8 +17,12 @@ spread over all devices:
     python sample.py --model DIR --manifest edits.jsonl --grid
 
 A bad item (missing or unreadable image, image under 64 px, empty instruction) is reported and skipped; the
-others still run, and the exit status is 1 if any item failed. A setting out of its range (``--tau 2``) is an
-error that names it, before the model is loaded.
+others still run, and the exit status is 1 if any item failed.
+
+The sampler's and FoI's settings are ``configs/sample.py``'s, each overridable (``--config.sample.steps=50``,
+``--config.sample.scheduler=dpmpp_2m``, ``--config.foi.tau=0.3``; unset FoI settings take the model folder's
+``foi_config.json``, else the paper's). A setting out of its range (``--config.foi.tau=2``) is an error that names
+it, before the model is loaded.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from PIL import Image, UnidentifiedImageError
 from ip2p_jax import compilation_cache
 
 MIN_SIDE = 64  # pixels; below this the UNet's lowest level has under one latent cell
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "shapes-ip2p"
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "models" / "shapes-ip2p"
+CONFIG = ROOT / "configs" / "sample.py"  # the sampler's and FoI's settings
 
 
 @dataclass
@@ -54,7 +60,11 @@ class EditItem:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The everyday flags (what to edit, with which model, where to write) and the settings of ``--config``
+    (``configs/sample.py``: ``sample.*``, the sampler's; ``foi.*``, FoI's) with its ``--config.GROUP.NAME=VALUE``
+    overrides, as ``args.config``. FoI's settings, checked against their ranges, are ``args.foi_config``."""
     from ip2p_jax.schedulers import SCHEDULERS
+    from ip2p_jax.script_config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -83,30 +93,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--alpha", action="append", type=float, help="FoI: attention boost of each instruction")
     parser.add_argument("--out", type=Path, help="output image path")
     parser.add_argument("--manifest", type=Path, help="JSONL file of edits (instead of --image/--instruction/--out)")
-    parser.add_argument("--steps", type=int, default=100, help="num_inference_steps")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance s_T")
-    parser.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance s_I")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the checkpoint's own")
     parser.add_argument(
-        "--karras",
-        action="store_true",
-        help="Karras sigmas (euler_ancestral, euler, dpmpp_2m; --scheduler dpmpp_2m --karras is DPM++ 2M Karras)",
-    )
-    parser.add_argument(
-        "--guidance-rescale",
-        type=float,
-        default=0.0,
-        help="in [0, 1]: pull the guided output's std toward the text+image branch's (Lin et al. 2024); 0 = off",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--strength", type=float, default=None, help="fraction of the schedule run, in (0, 1]; default 1, FoI 0.8"
-    )
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    parser.add_argument(
-        "--attention-backend",
-        default="auto",
-        help="the UNet's attention kernel: auto (the platform's), tiled, xla, cudnn or splash",
+        "--config",
+        default=str(CONFIG),
+        metavar="FILE",
+        help="the settings (default configs/sample.py); override any with --config.GROUP.NAME=VALUE, e.g. "
+        "--config.sample.steps=50, --config.sample.scheduler=dpmpp_2m, --config.foi.tau=0.3 (unset FoI settings "
+        "take the model folder's foi_config.json, else the paper's)",
     )
     parser.add_argument("--grid", action="store_true", help="also write OUT.grid.png: input | output")
     parser.add_argument("--compilation-cache", default=None, metavar="DIR", help=compilation_cache.HELP)
@@ -133,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     words.add_argument(
         "--attention-steps", default="0,1", metavar="START,STOP", help="fractions of the steps run averaged (0,1)"
     )
-    foi = parser.add_argument_group("Focus on Your Instruction (docs/foi.md)")
+    foi = parser.add_argument_group("Focus on Your Instruction (docs/foi.md; its settings: --config.foi.*)")
     foi.add_argument(
         "--foi",
         action=argparse.BooleanOptionalAction,
@@ -141,45 +134,40 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="default: on when keywords or several instructions are given",
     )
     foi.add_argument("--compare", action="store_true", help="write OUT.compare.png: input | masks | IP2P | FoI")
-    # Unset FoI settings take the model folder's foi_config.json, else the paper's (FoIConfig.for_model).
-    foi.add_argument(
-        "--tau", default=None, help="mask threshold in [0, 1] (0.5), or a range LOW,HIGH within it drawn per image"
-    )
-    foi.add_argument("--gamma", type=int, default=None, help="rounds of square + min-max, >= 0 (3)")
-    foi.add_argument(
-        "--mask-downsample", type=int, default=None, help="mask resolution = latent size / this, a power of two (4)"
-    )
-    foi.add_argument("--mask-step", type=int, default=None, help="step run that builds the masks, >= 0 (0)")
-    foi.add_argument("--no-modulation", action="store_true", help="ablation: no attention modulation")
-    foi.add_argument(
-        "--modulation-stop", type=float, default=None, help="fraction of steps with modulation, in [0, 1] (1)"
-    )
-    foi.add_argument("--no-decoupled-guidance", action="store_true", help="ablation: plain IP2P guidance")
-    foi.add_argument(
-        "--decoupled-fraction", type=float, default=None, help="fraction of steps with it, in [0, 1] (0.75)"
-    )
-    foi.add_argument("--outside-values", choices=("own", "image_only"), default=None, help="(own)")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        args.config = load_config(args.config, overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    sample = args.config.sample
     single = [args.image, args.instruction, args.out]
     if args.manifest is None and any(x is None for x in single):
         parser.error("give --image, --instruction and --out, or --manifest")
     if args.manifest is not None and any(x is not None for x in single):
         parser.error("--manifest replaces --image, --instruction and --out")
-    if args.strength is not None and not 0.0 < args.strength <= 1.0:
-        parser.error(f"--strength must be in (0, 1], got {args.strength}")
-    if not 0.0 <= args.guidance_rescale <= 1.0:
-        parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    if sample.strength is not None and not 0.0 < sample.strength <= 1.0:
+        parser.error(f"--config.sample.strength must be in (0, 1], got {sample.strength}")
+    if not 0.0 <= sample.guidance_rescale <= 1.0:
+        parser.error(f"--config.sample.guidance_rescale must be in [0, 1], got {sample.guidance_rescale}")
+    if sample.steps < 1:
+        parser.error(f"--config.sample.steps must be at least 1, got {sample.steps}")
+    if sample.scheduler and sample.scheduler not in SCHEDULERS:
+        parser.error(f"--config.sample.scheduler must be one of {', '.join(SCHEDULERS)}, got {sample.scheduler!r}")
+    if sample.dtype not in ("float32", "bfloat16"):
+        parser.error(f"--config.sample.dtype must be float32 or bfloat16, got {sample.dtype!r}")
     count = len(args.instruction or [])
     for name in ("keyword", "alpha"):
         given = getattr(args, name)
         if given is not None and len(given) != count:
             parser.error(f"give one --{name} per --instruction ({len(given)} for {count})")
+    from ip2p_jax.foi import foi_config
+
+    # A single file has no foi_config.json beside it; its config folder may.
+    model = args.model_config if Path(args.model).is_file() and args.model_config else args.model
     try:
-        args.foi_config = foi_config(args)
+        args.foi_config = foi_config(model, args.config.foi)
     except ValueError as error:
-        parser.error(str(error))
-    if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
+        parser.error(f"--config.foi: {error}")
     args.attention_words, args.attention_recording = None, None
     if args.attention is not None:
         from ip2p_jax.sampling import AttentionRecording
@@ -194,34 +182,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         except (TypeError, ValueError) as error:
             parser.error(f"--attention-steps / --attention-level: {error}")
     return args
-
-
-def foi_config(args):
-    """``FoIConfig`` of the model (its folder's ``foi_config.json``, else the paper's) with the settings given on
-    the command line."""
-    from ip2p_jax.foi import FoIConfig
-
-    given = dict(
-        strength=args.strength,
-        gamma=args.gamma,
-        mask_downsample=args.mask_downsample,
-        mask_step=args.mask_step,
-        modulation_stop=args.modulation_stop,
-        outside_values=args.outside_values,
-        decoupled_fraction=args.decoupled_fraction,
-    )
-    if args.tau is not None:
-        try:
-            given["tau"] = tuple(float(x) for x in args.tau.split(",")) if "," in args.tau else float(args.tau)
-        except ValueError:
-            raise ValueError(f"--tau must be a number or a range LOW,HIGH, got {args.tau!r}") from None
-    if args.no_modulation:
-        given["modulation"] = False
-    if args.no_decoupled_guidance:
-        given["decoupled_guidance"] = False
-    # A single file has no foi_config.json beside it; its config folder may.
-    model = args.model_config if Path(args.model).is_file() and args.model_config else args.model
-    return FoIConfig.for_model(model, **{k: v for k, v in given.items() if v is not None})
 
 
 def sub_instructions(texts, keywords=None, alphas=None) -> list:
@@ -327,10 +287,11 @@ def main(argv=None) -> int:
 
     from ip2p_jax.models.attention_kernels import check_backend
 
+    sample = args.config.sample
     try:
-        check_backend(args.attention_backend)
+        check_backend(sample.attention_backend)
     except ValueError as error:
-        print(f"error: --attention-backend: {error}", file=sys.stderr)
+        print(f"error: --config.sample.attention_backend: {error}", file=sys.stderr)
         return 1
 
     from ip2p_jax.pipeline import InstructPix2PixPipeline
@@ -340,8 +301,8 @@ def main(argv=None) -> int:
 
     options = dict(
         revision=args.revision,
-        dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
-        attention_backend=args.attention_backend,
+        dtype=jnp.bfloat16 if sample.dtype == "bfloat16" else jnp.float32,
+        attention_backend=sample.attention_backend,
     )
     try:
         if Path(args.model).is_file():
@@ -353,10 +314,10 @@ def main(argv=None) -> int:
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    scheduler = args.scheduler
-    if args.karras:
+    scheduler = sample.scheduler or None
+    if sample.karras:
         try:
-            scheduler = pipe.scheduler.replace(args.scheduler, use_karras_sigmas=True)
+            scheduler = pipe.scheduler.replace(scheduler, use_karras_sigmas=True)
         except SchedulerError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
@@ -381,12 +342,12 @@ def main(argv=None) -> int:
     print(f"editing {len(ready)} image(s) with {method} on {pipe.mesh.size} device(s)", file=sys.stderr)
     images = [image for _, image in ready]
     common = dict(
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        image_guidance_scale=args.image_guidance_scale,
+        num_inference_steps=sample.steps,
+        guidance_scale=sample.guidance_scale,
+        image_guidance_scale=sample.image_guidance_scale,
         scheduler=scheduler,
-        seed=args.seed,
-        guidance_rescale=args.guidance_rescale,
+        seed=sample.seed,
+        guidance_rescale=sample.guidance_rescale,
         progress=args.progress,
     )
     try:  # the pipeline checks a call's settings against the model before it compiles anything
@@ -395,7 +356,7 @@ def main(argv=None) -> int:
             result = pipe(images, instructions=instructions, foi=args.foi_config, **common)
         else:
             prompts = [item.prompt for item, _ in ready]
-            result = pipe(images, prompts, strength=args.strength, attention=args.attention_recording, **common)
+            result = pipe(images, prompts, strength=sample.strength, attention=args.attention_recording, **common)
         plain = None
         if args.compare and use_foi:  # IP2P with the composite prompt, same steps, strength and seed
             prompts = [item.prompt for item, _ in ready]

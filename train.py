@@ -63,17 +63,19 @@ def checkpoint_models(config, model: str):
     import jax.numpy as jnp
 
     from ip2p_jax.training.init import expand_input_channels
-    from ip2p_jax.weights import load_text_encoder, load_tokenizer, load_unet, load_vae
+    from ip2p_jax.weights import load_stack
+
+    def ip2p_unet(unet, unet_params):
+        if config.init_from == "sd":
+            return expand_input_channels(unet, unet_params, 8)
+        if unet.config.in_channels != 8:
+            raise ValueError(f"init_from='ip2p' needs an 8-channel UNet, {model} has {unet.config.in_channels}")
+        return unet, unet_params
 
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    unet, unet_params = load_unet(model, dtype=dtype)
-    if config.init_from == "sd":
-        unet, unet_params = expand_input_channels(unet, unet_params, 8)
-    elif unet.config.in_channels != 8:
-        raise ValueError(f"init_from='ip2p' needs an 8-channel UNet, {model} has {unet.config.in_channels}")
-    vae, vae_params = load_vae(model, dtype=dtype)
-    text, text_params = load_text_encoder(model, dtype=dtype)
-    return unet, unet_params, vae, vae_params, text, text_params, load_tokenizer(model)
+    stack = load_stack(model, dtype=dtype, with_scheduler=False, prepare_unet=ip2p_unet)
+    unet, vae, text, tokenizer = stack.unet, stack.vae, stack.text_encoder, stack.tokenizer
+    return unet, stack.params["unet"], vae, stack.params["vae"], text, stack.params["text_encoder"], tokenizer
 
 
 def training_unet(config, unet):
@@ -348,16 +350,18 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
     from ip2p_jax.tokenizer import span_token_weights, tokenize
     from ip2p_jax.training.objective import training_objective
     from ip2p_jax.training.text_to_image import TextToImageStepSettings, text_to_image_step
-    from ip2p_jax.weights import load_text_encoder, load_tokenizer, load_unet, load_vae
+    from ip2p_jax.weights import load_stack
     from ip2p_jax.weights.export import ip2p_scheduler_config
 
+    def text_to_image_unet(unet, unet_params):
+        if unet.config.in_channels != 4:
+            raise ValueError(f"text-to-image training needs a 4-channel UNet, {model} has {unet.config.in_channels}")
+        return unet, unet_params
+
     model = model_source(config, workdir, main_process)
-    unet, params = load_unet(model)
-    if unet.config.in_channels != 4:
-        raise ValueError(f"text-to-image training needs a 4-channel UNet, {model} has {unet.config.in_channels}")
-    vae, vae_params = load_vae(model)
-    text, text_params = load_text_encoder(model)
-    tokenizer = load_tokenizer(model)
+    stack = load_stack(model, with_scheduler=False, prepare_unet=text_to_image_unet)
+    unet, vae, text, tokenizer = stack.unet, stack.vae, stack.text_encoder, stack.tokenizer
+    params, vae_params, text_params = stack.params["unet"], stack.params["vae"], stack.params["text_encoder"]
     tx = optimizer(config)
     objective, betas = training_objective(config, model)  # optional settings: older configs train as before
     alphas_cumprod = SchedulerConfig(**betas).alphas_cumprod()

@@ -161,7 +161,8 @@ def worker_torch(pairs: int, steps: int, repeats: int, threads: int) -> dict:
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ip2p_jax.random_models import TINY_TEXT, TINY_UNET, TINY_VAE, tiny_tokenizer
+    from ip2p_jax.random_models import tiny_tokenizer
+    from ip2p_jax.tiny_configs import STAND_IN_TEXT, STAND_IN_UNET, STAND_IN_VAE
 
     config = load_tiny_config(pairs, steps)
     if threads:
@@ -169,12 +170,12 @@ def worker_torch(pairs: int, steps: int, repeats: int, threads: int) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as workdir:
         tokenizer = tiny_tokenizer(Path(workdir))
-    text = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, **TINY_TEXT)
+    text = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, **STAND_IN_TEXT)
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**TINY_VAE),
+        vae=AutoencoderKL(**STAND_IN_VAE),
         text_encoder=CLIPTextModel(text),
         tokenizer=tokenizer,
-        unet=UNet2DConditionModel(in_channels=4, out_channels=4, **TINY_UNET),
+        unet=UNet2DConditionModel(in_channels=4, out_channels=4, **STAND_IN_UNET),
         scheduler=EulerAncestralDiscreteScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
         ),

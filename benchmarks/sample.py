@@ -29,6 +29,8 @@ from mfu import MFU_HEADER, MFU_RULE, edit_flops, mfu_cells, utilisation  # benc
 from unet import SD15_UNET  # the same SD 1.5 UNet as benchmarks/unet.py (benchmarks/ is on sys.path)
 from worker import device_peak_mib, memory_cell, worker_result
 
+from ip2p_jax.tiny_configs import STAND_IN_UNET
+
 SD15 = dict(
     unet=dict(SD15_UNET, sample_size=32),
     vae=dict(
@@ -41,17 +43,7 @@ SD15 = dict(
     text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
 )
 TINY = dict(
-    unet=dict(
-        in_channels=8,
-        out_channels=4,
-        block_out_channels=[32, 64],
-        layers_per_block=1,
-        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ),
+    unet=dict(STAND_IN_UNET, in_channels=8, out_channels=4),  # the stand-in's UNet, as IP2P
     vae=dict(
         block_out_channels=[16, 32, 32, 32],
         down_block_types=["DownEncoderBlock2D"] * 4,

@@ -30,7 +30,7 @@ from mfu import MFU_HEADER, MFU_RULE, compiled_flops, mfu_cells, utilisation  # 
 from unet import SD15_UNET
 from worker import device_peak_mib, memory_cell
 
-from ip2p_jax.training.tiny import TINY_TEXT, TINY_UNET, TINY_VAE
+from ip2p_jax.tiny_configs import SMOKE_TEXT, SMOKE_UNET, SMOKE_VAE
 
 SD15 = dict(
     unet=SD15_UNET,
@@ -44,7 +44,7 @@ SD15 = dict(
     text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
     size=256,
 )
-TINY = dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, size=32)  # configs/tiny.py
+TINY = dict(unet=SMOKE_UNET, vae=SMOKE_VAE, text=SMOKE_TEXT, size=32)  # configs/tiny.py
 MODELS = {"tiny": TINY, "sd15": SD15}
 VOCAB = 1000
 

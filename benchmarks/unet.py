@@ -25,6 +25,8 @@ import time
 from mfu import MFU_HEADER, MFU_RULE, compiled_flops, mfu_cells, utilisation  # benchmarks/ is on sys.path
 from worker import device_peak_mib, worker_result
 
+from ip2p_jax.tiny_configs import STAND_IN_UNET
+
 SD15_UNET = dict(
     in_channels=8,
     out_channels=4,
@@ -37,18 +39,7 @@ SD15_UNET = dict(
     norm_num_groups=32,
     sample_size=64,
 )
-TINY_UNET = dict(
-    in_channels=8,
-    out_channels=4,
-    block_out_channels=[32, 64],
-    layers_per_block=1,
-    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-    cross_attention_dim=32,
-    attention_head_dim=4,
-    norm_num_groups=8,
-    sample_size=8,
-)
+TINY_UNET = dict(STAND_IN_UNET, in_channels=8, out_channels=4, sample_size=8)  # the stand-in's, as IP2P
 MODELS = {"sd15": SD15_UNET, "tiny": TINY_UNET}
 TOKENS = 77
 

@@ -5,14 +5,14 @@ python train.py --config configs/tiny.py --workdir /tmp/tiny-run
 
 import ml_collections
 
-from ip2p_jax.training.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, TINY_WORDS
+from ip2p_jax.tiny_configs import SMOKE_TEXT, SMOKE_UNET, SMOKE_VAE, SMOKE_WORDS
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "ip2p"
     config.model = "new"  # a random model from new_model; or a diffusers folder / hub id
-    config.new_model = dict(unet=TINY_UNET, vae=TINY_VAE, text_encoder=TINY_TEXT, words=list(TINY_WORDS))
+    config.new_model = dict(unet=SMOKE_UNET, vae=SMOKE_VAE, text_encoder=SMOKE_TEXT, words=list(SMOKE_WORDS))
     config.init_from = "ip2p"  # "ip2p": an 8-channel IP2P UNet; "sd": a 4-channel SD UNet expanded to 8
     config.data = "synthetic"  # or a TFDS editing data set: "ip2p_original", "ip2p_manifest", "shapes_edit"
     config.data_dir = ""  # TFDS data_dir ("" = TFDS's default)

@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from ip2p_jax import foi as foi_lib
 from ip2p_jax.foi import FoIConfig, FoIInputs, make_foi_sampler
+from ip2p_jax.models.stack import ModelStack
 from ip2p_jax.models.unet import level_size
 from ip2p_jax.parallel import batch_sharded, data_mesh, pad_batch, padded_size, replicated
 from ip2p_jax.sampling import AttentionRecording, SamplerInputs, SamplerSettings, make_ip2p_sampler
 from ip2p_jax.schedulers import Scheduler
 from ip2p_jax.tokenizer import tokenize, word_token_weights
-from ip2p_jax.weights import load_single_file, load_text_encoder, load_tokenizer, load_unet, load_vae
-from ip2p_jax.weights.files import resolve_folder
+from ip2p_jax.weights import load_single_file_stack, load_stack
 
 ImageLike = Image.Image | np.ndarray
 
@@ -102,6 +102,11 @@ def to_pil(image_hwc: np.ndarray) -> Image.Image:
     return Image.fromarray((image_hwc * 255).round().astype(np.uint8))
 
 
+def _with_attention_backend(attention_backend: str):
+    """``load_stack``'s ``prepare_unet``: the UNet with this attention kernel (checked as the UNet is read)."""
+    return lambda unet, params: (unet.clone(attention_backend=attention_backend), params)
+
+
 class InstructPix2PixPipeline:
     """InstructPix2Pix editing with Flax models, jitted and sharded over the devices of ``mesh``.
 
@@ -145,15 +150,15 @@ class InstructPix2PixPipeline:
         and model outputs in float32 between steps, so that rounding does not accumulate over the schedule.
         ``attention_backend`` forces the UNet's attention kernel (``models/attention_kernels.py``; ``"auto"``: the
         platform's)."""
-        options = dict(revision=revision, variant=variant)
-        unet, unet_params = load_unet(path_or_repo_id, dtype=dtype, **options)
-        unet = unet.clone(attention_backend=attention_backend)
-        vae, vae_params = load_vae(path_or_repo_id, dtype=jnp.float32, **options)
-        text_encoder, text_params = load_text_encoder(path_or_repo_id, dtype=dtype, **options)
-        tokenizer = load_tokenizer(path_or_repo_id, revision=revision)
-        scheduler = Scheduler.from_folder(resolve_folder(path_or_repo_id, "scheduler", revision=revision))
-        params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, params, mesh)
+        stack = load_stack(
+            path_or_repo_id,
+            dtype=dtype,
+            vae_dtype=jnp.float32,
+            revision=revision,
+            variant=variant,
+            prepare_unet=_with_attention_backend(attention_backend),
+        )
+        return cls.from_stack(stack, mesh)
 
     @classmethod
     def from_single_file(
@@ -174,17 +179,21 @@ class InstructPix2PixPipeline:
         any component the file lacks come from ``config``, a diffusers folder or hub repo id of the same
         architecture (by default the one ``weights.SINGLE_FILE_CONFIGS`` names for the file); ``ema`` takes the
         UNet's EMA weights where the file has both. Other arguments as ``from_pretrained``."""
-        components, config = load_single_file(
-            path, config, allow_pickle=allow_pickle, ema=ema, revision=revision, dtype=dtype
+        stack = load_single_file_stack(
+            path,
+            config,
+            allow_pickle=allow_pickle,
+            ema=ema,
+            revision=revision,
+            dtype=dtype,
+            prepare_unet=_with_attention_backend(attention_backend),
         )
-        unet, unet_params = components["unet"]
-        unet = unet.clone(attention_backend=attention_backend)
-        vae, vae_params = components["vae"]
-        text_encoder, text_params = components["text_encoder"]
-        tokenizer = load_tokenizer(config, revision=revision)
-        scheduler = Scheduler.from_folder(resolve_folder(config, "scheduler", revision=revision))
-        params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, params, mesh)
+        return cls.from_stack(stack, mesh)
+
+    @classmethod
+    def from_stack(cls, stack: ModelStack, mesh=None) -> InstructPix2PixPipeline:
+        """The pipeline of a ``ModelStack`` (``weights.load_stack``, ``random_models.tiny_text_to_image``)."""
+        return cls(stack.unet, stack.vae, stack.text_encoder, stack.tokenizer, stack.scheduler, stack.params, mesh)
 
     # ------------------------------------------------------------------ building blocks
 

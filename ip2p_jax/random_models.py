@@ -1,14 +1,15 @@
 """Random models built in code: any architecture from its diffusers / transformers config (what training from
-scratch starts from, ``training/new_model.py``), and the tiny stacks of the ``tiny`` variants of
-``configs/generate_data.py`` and ``configs/evaluate_clip.py``: a Stable Diffusion (4 input channels) or
-InstructPix2Pix (8) text-to-image stack and a CLIP, all Flax with random weights, and a small CLIP vocabulary. They
-run the real code paths on a laptop CPU in seconds; their pictures mean nothing.
+scratch starts from, ``training/new_model.py``), and the library's tiny stacks, whose configs are
+``tiny_configs.py``'s: the training smoke model of ``configs/tiny.py`` (``smoke_models``), and the stand-in of the
+``tiny`` variants of ``configs/generate_data.py`` and ``configs/evaluate_clip.py``, a Stable Diffusion (4 input
+channels) or InstructPix2Pix (8) text-to-image stack and a CLIP (``tiny_text_to_image``, ``tiny_clip``), all Flax
+with random weights, over small CLIP vocabularies. They run the real code paths on a laptop CPU in seconds; their
+pictures mean nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,81 +18,26 @@ import jax.numpy as jnp
 
 from ip2p_jax.models.clip import CLIPConfig, CLIPModel, CLIPVisionConfig
 from ip2p_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from ip2p_jax.models.stack import ModelStack
 from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
 from ip2p_jax.schedulers import Scheduler, SchedulerConfig
+from ip2p_jax.tiny_configs import (
+    SMOKE_TEXT,
+    SMOKE_UNET,
+    SMOKE_VAE,
+    SMOKE_WORDS,
+    STAND_IN_TEXT,
+    STAND_IN_UNET,
+    STAND_IN_VAE,
+    STAND_IN_VISION,
+    STAND_IN_WORDS,
+)
 
-# The words of examples/triples_tiny.jsonl (any other text still encodes, one token per character).
-TINY_WORDS = (
-    "a",
-    "photo",
-    "of",
-    "the",
-    "an",
-    "cat",
-    "dog",
-    "on",
-    "sofa",
-    "bench",
-    "red",
-    "blue",
-    "car",
-    "house",
-    "in",
-    "snow",
-    "make",
-    "it",
-    "turn",
-    "into",
-    "add",
-    "hat",
-    "with",
-    "painting",
-    "sunset",
-    "at",
-)
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=4,
-    norm_num_groups=8,
-)
-TINY_VAE = dict(
-    block_out_channels=(8, 16),
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    layers_per_block=1,
-    norm_num_groups=4,
-    latent_channels=4,
-)
-TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
 # Stable Diffusion's noise schedule, with the released checkpoints' Euler ancestral settings.
 SD_SCHEDULER = SchedulerConfig(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="linspace"
 )
-
-
-@dataclasses.dataclass
-class TextToImageModels:
-    """A text-to-image stack: modules, their float32 params, the tokenizer and the scheduler.
-
-    Attributes:
-      unet, vae, text_encoder: Flax modules.
-      params: ``{"unet": ..., "vae": ..., "text_encoder": ...}``.
-      tokenizer: the CLIP tokenizer of the text encoder.
-      scheduler: the checkpoint's (or the tiny model's) scheduler.
-    """
-
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: Any
-    scheduler: Scheduler
-    params: dict
 
 
 def text_encoder_config(config: Mapping[str, Any], tokenizer) -> dict[str, Any]:
@@ -129,36 +75,50 @@ def random_text_encoder(config: Mapping[str, Any], tokenizer, key: jax.Array, dt
     return text, text.init(key, jnp.zeros((1, 77), jnp.int32))["params"]
 
 
-def tiny_tokenizer(folder: Path):
-    """A CLIP tokenizer over ``TINY_WORDS``, its files written to ``folder``."""
+def tiny_tokenizer(folder: Path, words: Sequence[str] = STAND_IN_WORDS):
+    """A CLIP tokenizer over ``words`` (the stand-in's by default), its files written to ``folder``."""
     from transformers import CLIPTokenizer
 
     from ip2p_jax.tokenizer import write_clip_vocab
 
-    return CLIPTokenizer.from_pretrained(str(write_clip_vocab(Path(folder), TINY_WORDS)))
+    return CLIPTokenizer.from_pretrained(str(write_clip_vocab(Path(folder), words)))
 
 
-def tiny_text_to_image(folder: Path, seed: int, in_channels: int = 4, dtype: Any = jnp.float32) -> TextToImageModels:
-    """A random tiny SD (``in_channels=4``) or IP2P (8) stack; the vocabulary is written to ``folder``.
+def smoke_models(workdir: Path, seed: int, in_channels: int = 8):
+    """The training smoke model (``configs/tiny.py``): a random tiny IP2P model (UNet, 2x VAE, 1-layer CLIP) and a
+    tokenizer over the synthetic stream's words, written to ``workdir / "tokenizer"``; the same weights
+    ``write_new_model`` writes for this seed. Returns ``(unet, params, vae, params, text_encoder, params,
+    tokenizer)``."""
+    tokenizer = tiny_tokenizer(Path(workdir) / "tokenizer", SMOKE_WORDS)
+    unet_key, vae_key, text_key = jax.random.split(jax.random.key(seed), 3)
+    unet, unet_params = random_unet(dict(SMOKE_UNET, in_channels=in_channels), unet_key)
+    vae, vae_params = random_vae(SMOKE_VAE, vae_key)
+    text, text_params = random_text_encoder(SMOKE_TEXT, tokenizer, text_key)
+    return unet, unet_params, vae, vae_params, text, text_params, tokenizer
+
+
+def tiny_text_to_image(folder: Path, seed: int, in_channels: int = 4, dtype: Any = jnp.float32) -> ModelStack:
+    """The stand-in: a random tiny SD (``in_channels=4``) or IP2P (8) stack; the vocabulary is written to
+    ``folder``.
 
     The VAE halves the image size (latents of 16 x 16 for 32 px images).
     """
     tokenizer = tiny_tokenizer(folder)
     unet_key, vae_key, text_key = jax.random.split(jax.random.key(seed), 3)
-    unet, unet_params = random_unet(dict(TINY_UNET, in_channels=in_channels), unet_key, dtype)
-    vae, vae_params = random_vae(TINY_VAE, vae_key, dtype)
-    text_encoder, text_params = random_text_encoder(TINY_TEXT, tokenizer, text_key, dtype)
+    unet, unet_params = random_unet(dict(STAND_IN_UNET, in_channels=in_channels), unet_key, dtype)
+    vae, vae_params = random_vae(STAND_IN_VAE, vae_key, dtype)
+    text_encoder, text_params = random_text_encoder(STAND_IN_TEXT, tokenizer, text_key, dtype)
     params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
-    return TextToImageModels(unet, vae, text_encoder, tokenizer, Scheduler("euler_ancestral", SD_SCHEDULER), params)
+    return ModelStack(unet, vae, text_encoder, tokenizer, Scheduler("euler_ancestral", SD_SCHEDULER), params)
 
 
 def tiny_clip(folder: Path, seed: int, image_size: int = 32) -> tuple[CLIPModel, dict, Any]:
-    """A random tiny CLIP taking ``image_size`` px images: ``(module, params, tokenizer)``."""
+    """The stand-in's CLIP: a random tiny CLIP taking ``image_size`` px images: ``(module, params, tokenizer)``."""
     tokenizer = tiny_tokenizer(folder)
     text = CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id, **TINY_TEXT
+        vocab_size=len(tokenizer), max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id, **STAND_IN_TEXT
     )
-    config = CLIPConfig(text=text, vision=CLIPVisionConfig(image_size=image_size, **TINY_VISION), projection_dim=16)
+    config = CLIPConfig(text=text, vision=CLIPVisionConfig(image_size=image_size, **STAND_IN_VISION), projection_dim=16)
     module = CLIPModel(config)
     pixels = jnp.zeros((1, image_size, image_size, 3))
     params = module.init(jax.random.key(seed), pixels, jnp.zeros((1, 77), jnp.int32))["params"]

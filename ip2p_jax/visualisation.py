@@ -18,8 +18,9 @@ LABEL_WIDTH = 96  # px of the word column of an attention grid
 def mask_overlay(image: Image.Image, mask_hw) -> Image.Image:
     """The image with the mask's region tinted red and the rest dimmed (mask ``(H, W)`` of 0 / 1 at the image's
     size)."""
-    pixels = np.asarray(image.convert("RGB"), np.float32)
-    mask = np.asarray(mask_hw, np.float32)[..., None]
+    # float64: each pixel rounds from its exact blend (float32's rounding moves some by a level)
+    pixels = np.asarray(image.convert("RGB"), np.float64)
+    mask = np.asarray(mask_hw, np.float64)[..., None]
     red = np.array([255.0, 40.0, 40.0])
     tinted = mask * (0.5 * pixels + 0.5 * red) + (1 - mask) * 0.35 * pixels
     return Image.fromarray(tinted.round().astype(np.uint8))
@@ -53,6 +54,23 @@ def row_grid(tiles: Sequence[Image.Image]) -> Image.Image:
     for position, tile in enumerate(tiles):
         grid.paste(tile, (position * width, 0))
     return grid
+
+
+def grid(rows: Sequence[Sequence[Image.Image]], enlarge: int = 1) -> Image.Image:
+    """Rows of tiles of one size, top to bottom, each tile enlarged ``enlarge`` times by nearest neighbour; a short
+    row is padded white on the right (the grids of the scripts: ``evaluate.py``'s examples, ``train.py``'s samples,
+    the tools' pictures)."""
+    width, height = tiles_size = rows[0][0].size
+    columns = max(len(row) for row in rows)
+    picture = Image.new("RGB", (columns * width, len(rows) * height), "white")
+    for y, row in enumerate(rows):
+        for x, tile in enumerate(row):
+            if tile.size != tiles_size:
+                raise ValueError(f"grid tiles must all be {width}x{height}, got {tile.width}x{tile.height}")
+            picture.paste(tile.convert("RGB"), (x * width, y * height))
+    if enlarge == 1:
+        return picture
+    return picture.resize((picture.width * enlarge, picture.height * enlarge), Image.NEAREST)
 
 
 def compare_grid(image: Image.Image, masks_khw, plain: Image.Image, edited: Image.Image) -> Image.Image:

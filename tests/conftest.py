@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ip2p_jax import compilation_cache
+from ip2p_jax.tiny_configs import STAND_IN_VAE
 from ip2p_jax.tokenizer import write_clip_vocab
 
 # The programs' persistent compilation cache would write to the home folder and make a test's compile time depend
@@ -130,17 +131,8 @@ TINY_TEXT_ENCODERS = {
     ),
 }
 
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(8, 16),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=4,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    sample_size=32,
-)
+# The library's stand-in VAE (two blocks: it downsamples 2x), as a diffusers constructor's keywords.
+TINY_VAE = dict(STAND_IN_VAE, in_channels=3, out_channels=3, sample_size=32)
 
 
 def make_unet(name: str, seed: int = 0):

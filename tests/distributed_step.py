@@ -22,16 +22,16 @@ from jax.experimental import multihost_utils
 
 from ip2p_jax import parallel
 from ip2p_jax.data.synthetic import process_rows, synthetic_batch
+from ip2p_jax.random_models import smoke_models
 from ip2p_jax.schedulers import SchedulerConfig
 from ip2p_jax.tokenizer import tokenize
 from ip2p_jax.training.state import create_train_state
 from ip2p_jax.training.step import StepSettings, train_step
-from ip2p_jax.training.tiny import tiny_models
 
 
 def main(prefix: str, meshes: list[tuple[int, int]]) -> None:
     parallel.maybe_initialize_distributed()
-    unet, params, vae, vae_params, text, text_params, tokenizer = tiny_models(Path(tempfile.mkdtemp()), 0)
+    unet, params, vae, vae_params, text, text_params, tokenizer = smoke_models(Path(tempfile.mkdtemp()), 0)
     tx = optax.sgd(1e-3)
     alphas = SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod()
     settings = StepSettings(unet=unet, vae=vae, text_encoder=text, tx=tx, alphas_cumprod=tuple(alphas.tolist()))

@@ -98,9 +98,10 @@ def count_primitive(jaxpr, name: str = "pallas_call") -> int:
 
 @pytest.fixture(scope="module")
 def tiny_unet():
-    from ip2p_jax.random_models import TINY_UNET, random_unet
+    from ip2p_jax.random_models import random_unet
+    from ip2p_jax.tiny_configs import STAND_IN_UNET
 
-    unet, params = random_unet(TINY_UNET, jax.random.key(0))
+    unet, params = random_unet(STAND_IN_UNET, jax.random.key(0))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, unet.config.in_channels)), jnp.float32)
     context = jnp.asarray(rng.normal(size=(2, 7, unet.config.cross_attention_dim[0])), jnp.float32)

@@ -11,10 +11,10 @@ import pytest
 
 from ip2p_jax.data.synthetic import synthetic_batch
 from ip2p_jax.random_models import random_vae
+from ip2p_jax.tiny_configs import SMOKE_TEXT, SMOKE_UNET, SMOKE_VAE, SMOKE_WORDS
 from ip2p_jax.training.autoencoder import AutoencoderSettings, autoencoder_step, kl_divergence
 from ip2p_jax.training.new_model import write_new_model
 from ip2p_jax.training.state import create_train_state, make_optimizer
-from ip2p_jax.training.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, TINY_WORDS
 
 
 def test_kl_divergence_by_hand():
@@ -24,7 +24,7 @@ def test_kl_divergence_by_hand():
 
 
 def test_autoencoder_loss_falls():
-    vae, params = random_vae(TINY_VAE, jax.random.key(0))
+    vae, params = random_vae(SMOKE_VAE, jax.random.key(0))
     tx = make_optimizer(5e-3)
     step = jax.jit(functools.partial(autoencoder_step, settings=AutoencoderSettings(vae, tx, learning_rate=5e-3)))
     state = create_train_state(params, tx)
@@ -49,11 +49,11 @@ def test_new_model_folder_loads_in_diffusers_and_here(tmp_path):
     from ip2p_jax.pipeline import InstructPix2PixPipeline
 
     folder = write_new_model(
-        tmp_path / "new", unet=TINY_UNET, vae=TINY_VAE, text_encoder=TINY_TEXT, words=TINY_WORDS, seed=0
+        tmp_path / "new", unet=SMOKE_UNET, vae=SMOKE_VAE, text_encoder=SMOKE_TEXT, words=SMOKE_WORDS, seed=0
     )
     # A second model reusing the first one's VAE folder: the VAE is copied, the rest drawn anew.
     other = write_new_model(
-        tmp_path / "other", unet=TINY_UNET, vae=str(folder / "vae"), text_encoder=TINY_TEXT, words=TINY_WORDS, seed=1
+        tmp_path / "other", unet=SMOKE_UNET, vae=str(folder / "vae"), text_encoder=SMOKE_TEXT, words=SMOKE_WORDS, seed=1
     )
     assert (other / "vae" / "config.json").read_text() == (folder / "vae" / "config.json").read_text()
     reference = StableDiffusionInstructPix2PixPipeline.from_pretrained(folder, safety_checker=None)

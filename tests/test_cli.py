@@ -24,7 +24,7 @@ def write_image(path, size):
     return path
 
 
-FAST = ["--steps", "2", "--scheduler", "euler"]
+FAST = ["--config.sample.steps=2", "--config.sample.scheduler=euler"]
 
 
 def test_manifest_skips_bad_items_and_runs_the_rest(pipeline_dir, tmp_path, capsys):
@@ -64,18 +64,24 @@ def test_manifest_skips_bad_items_and_runs_the_rest(pipeline_dir, tmp_path, caps
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--scheduler", "heun", "--manifest", "x.jsonl"], "invalid choice: 'heun'"),
+        (["--config.sample.scheduler=heun", "--manifest", "x.jsonl"], "scheduler must be one of"),
         (["--image", "a.png"], "give --image, --instruction and --out, or --manifest"),
-        (["--manifest", "x.jsonl", "--strength", "0"], "--strength must be in (0, 1]"),
-        (["--manifest", "x.jsonl", "--tau", "2"], "tau must be in [0, 1], or a (low, high) range"),
-        (["--manifest", "x.jsonl", "--tau", "0.7,0.4"], "tau must be a (low, high) range with 0 <= low <= high <= 1"),
-        (["--manifest", "x.jsonl", "--tau", "half"], "--tau must be a number or a range LOW,HIGH, got 'half'"),
-        (["--manifest", "x.jsonl", "--gamma", "-1"], "gamma must be an integer >= 0, got -1"),
-        (["--manifest", "x.jsonl", "--mask-downsample", "3"], "mask_downsample must be a power of two >= 1, got 3"),
-        (["--manifest", "x.jsonl", "--mask-step", "-2"], "mask_step must be an integer >= 0, got -2"),
-        (["--manifest", "x.jsonl", "--modulation-stop", "2"], "modulation_stop must be in [0, 1], got 2.0"),
-        (["--manifest", "x.jsonl", "--decoupled-fraction", "-1"], "decoupled_fraction must be in [0, 1], got -1.0"),
-        (["--manifest", "x.jsonl", "--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1], got 1.5"),
+        (["--manifest", "x.jsonl", "--config.sample.strength=0"], "--config.sample.strength must be in (0, 1]"),
+        (["--manifest", "x.jsonl", "--config.foi.tau=2"], "tau must be in [0, 1], or a (low, high) range"),
+        (
+            ["--manifest", "x.jsonl", "--config.foi.tau=0.7,0.4"],
+            "tau must be a (low, high) range with 0 <= low <= high",
+        ),
+        (["--manifest", "x.jsonl", "--config.foi.tau=half"], "--config.foi: tau must be in [0, 1], or a (low, high)"),
+        (["--manifest", "x.jsonl", "--config.foi.gamma=-1"], "gamma must be an integer >= 0, got -1"),
+        (["--manifest", "x.jsonl", "--config.foi.mask_downsample=3"], "mask_downsample must be a power of two >= 1"),
+        (["--manifest", "x.jsonl", "--config.foi.mask_step=-2"], "mask_step must be an integer >= 0, got -2"),
+        (["--manifest", "x.jsonl", "--config.foi.modulation_stop=2"], "modulation_stop must be in [0, 1], got 2.0"),
+        (["--manifest", "x.jsonl", "--config.foi.decoupled_fraction=-1"], "decoupled_fraction must be in [0, 1]"),
+        (["--manifest", "x.jsonl", "--config.sample.guidance_rescale=1.5"], "guidance_rescale must be in [0, 1]"),
+        (["--manifest", "x.jsonl", "--config.foi.gama=1"], "has no setting 'gama'"),
+        (["--manifest", "x.jsonl", "--config.sample.steps=many"], "--config.sample.steps=many: invalid literal"),
+        (["--manifest", "x.jsonl", "--steps", "2"], "unexpected argument '--steps'"),
     ],
 )
 def test_bad_arguments_exit_2(argv, message, capsys):
@@ -87,9 +93,9 @@ def test_bad_arguments_exit_2(argv, message, capsys):
 
 def test_unknown_attention_backend_is_a_clear_error(tmp_path, capsys):
     image = write_image(tmp_path / "in.png", 64)
-    argv = ["--attention-backend", "flash", "--image", str(image), "--instruction", "x", "--out", str(tmp_path / "o")]
-    assert sample.main(argv) == 1
-    assert "error: --attention-backend: attention backend must be one of" in capsys.readouterr().err
+    argv = ["--config.sample.attention_backend=flash", "--image", str(image), "--instruction", "x"]
+    assert sample.main(argv + ["--out", str(tmp_path / "o")]) == 1
+    assert "error: --config.sample.attention_backend: attention backend must be one of" in capsys.readouterr().err
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
@@ -113,7 +119,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
 def test_foi_edit_from_the_command_line_with_a_comparison_grid(pipeline_dir, tmp_path):
     image = write_image(tmp_path / "in.png", 64)
     out = tmp_path / "out" / "edited.png"
-    argv = ["--model", str(pipeline_dir), "--image", str(image), "--out", str(out), "--mask-downsample", "2"]
+    argv = ["--model", str(pipeline_dir), "--image", str(image), "--out", str(out), "--config.foi.mask_downsample=2"]
     argv += ["--instruction", "make the sky blue", "--keyword", "sky"]
     argv += ["--instruction", "turn the cat red", "--keyword", "cat", "--alpha", "1", "--alpha", "1.5"]
     assert sample.main(argv + FAST + ["--compare", "--attention", "cat,sky"]) == 0
@@ -148,7 +154,7 @@ def test_keyword_count_must_match(capsys):
 def test_a_mask_resolution_the_model_lacks_is_a_clean_error(pipeline_dir, tmp_path, capsys):
     image = write_image(tmp_path / "in.png", 64)  # a 32 x 32 latent: the tiny UNet has layers at 1, 2 and 4
     argv = ["--model", str(pipeline_dir), "--image", str(image), "--out", str(tmp_path / "o.png")]
-    argv += ["--instruction", "make the sky blue", "--keyword", "sky", "--mask-downsample", "8"]
+    argv += ["--instruction", "make the sky blue", "--keyword", "sky", "--config.foi.mask_downsample=8"]
     assert sample.main(argv + FAST) == 1
     assert "error: mask_downsample 8: the UNet has no cross-attention layer 3 levels below" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
@@ -167,17 +173,17 @@ def test_evaluate_refuses_a_model_with_invalid_foi_settings(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("outside_values", "--foi takes SETTING=VALUE"),
-        ("colour=red", "unexpected keyword argument 'colour'"),
-        ("tau=2", "tau must"),
-        ("outside_values=both", "outside_values must be"),
+        ("--config.foi.outside_values", "unexpected argument '--config.foi.outside_values'"),
+        ("--config.foi.colour=red", "has no setting 'colour'"),
+        ("--config.foi.tau=2", "tau must"),
+        ("--config.foi.outside_values=both", "outside_values must be"),
     ],
 )
 def test_evaluate_foi_overrides_are_checked(tmp_path, capsys, override, message):
     import evaluate
 
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--model", str(tmp_path), "--foi", override])
+        evaluate.main(["--model", str(tmp_path), override])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -186,7 +192,7 @@ def test_evaluate_foi_overrides_reach_the_config(tmp_path):
     import evaluate
 
     args = evaluate.parse_args(
-        ["--model", str(tmp_path), "--foi", "outside_values=image_only", "--foi", "tau=[0.4, 0.7]"]
+        ["--model", str(tmp_path), "--config.foi.outside_values=image_only", "--config.foi.tau=[0.4, 0.7]"]
     )
     assert args.foi_config.outside_values == "image_only" and args.foi_config.tau == (0.4, 0.7)
 
@@ -194,7 +200,8 @@ def test_evaluate_foi_overrides_reach_the_config(tmp_path):
 def test_karras_sigmas_for_a_scheduler_without_them_is_a_clean_error(pipeline_dir, tmp_path, capsys):
     image = write_image(tmp_path / "in.png", 64)
     argv = ["--model", str(pipeline_dir), "--image", str(image), "--out", str(tmp_path / "o.png")]
-    argv += ["--instruction", "make the sky blue", "--steps", "2", "--scheduler", "ddim", "--karras"]
+    argv += ["--instruction", "make the sky blue", "--config.sample.steps=2", "--config.sample.scheduler=ddim"]
+    argv += ["--config.sample.karras=true"]
     assert sample.main(argv) == 1
     assert "error: scheduler setting use_karras_sigmas=True is not implemented for ddim" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
@@ -234,3 +241,19 @@ def test_word_heatmaps_from_the_command_line(pipeline_dir, tmp_path, capsys):
     argv[argv.index("sky, blue")] = "cat"
     assert sample.main(argv + ["--out", str(tmp_path / "other.png")] + FAST) == 1
     assert "'cat' is not a word of 'make the sky blue'" in capsys.readouterr().err
+
+
+def test_the_foi_group_declares_every_foi_setting_and_reaches_foi_config(tmp_path):
+    """configs/sample.py's ``foi`` group is FoIConfig's fields, all unset; overrides of several types (a range, a
+    bool, an int) arrive in the FoIConfig, and the unset ones keep the model's (here: the paper's) values."""
+    import dataclasses
+
+    from ip2p_jax.foi import FoIConfig, foi_config
+    from ip2p_jax.script_config import load_config
+
+    config = load_config(sample.CONFIG)
+    assert sorted(config.foi) == sorted(field.name for field in dataclasses.fields(FoIConfig))
+    assert all(value is None for value in config.foi.values())
+    overrides = ["--config.foi.tau=0.3,0.6", "--config.foi.modulation=false", "--config.foi.gamma=2"]
+    got = foi_config(tmp_path, load_config(sample.CONFIG, overrides).foi)
+    assert got == FoIConfig(tau=(0.3, 0.6), modulation=False, gamma=2)

@@ -1,6 +1,8 @@
-"""The Flax CLIP (both towers, projections, logit_scale), its loader and CLIP preprocessing against transformers."""
+"""The Flax CLIP (both towers, projections, logit_scale), its loader, the CLIP image processor loader and the
+IP2P reference's CLIP input against transformers and PyTorch."""
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,13 +15,14 @@ from transformers import CLIPConfig as TorchCLIPConfig
 from transformers import CLIPImageProcessorPil
 from transformers import CLIPModel as TorchCLIPModel
 
-from ip2p_jax.clip_preprocess import CLIPImageProcessorConfig, ip2p_pixel_values, preprocess, torch_bicubic_matrix
+from ip2p_jax.clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ip2p_pixel_values, torch_bicubic_matrix
 from ip2p_jax.evaluation.clip_metrics import image_embeddings, text_embeddings
 from ip2p_jax.models.clip import CLIPConfig, pool_eos
 from ip2p_jax.tokenizer import tokenize
 from ip2p_jax.weights import CheckpointError, load_clip, load_clip_preprocessor, load_tokenizer
 
 TOLERANCE = 1e-4
+SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "models" / "shapes-clip"
 PROMPTS = ["a photo of a cat", "turn the dog blue", ""]
 
 # OpenAI ViT-L/14-like (quick GELU) and OpenCLIP ViT-H/14-like, i.e. PickScore (exact GELU, other widths).
@@ -182,6 +185,11 @@ def test_unsupported_config_in_a_folder_is_a_checkpoint_error(tmp_path):
         load_clip(tmp_path)
 
 
+def _noise(count: int, size: int) -> np.ndarray:
+    """``(count, size, size, 3)`` uint8."""
+    return np.random.default_rng(3).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
 def _test_images():
     rng = np.random.default_rng(1)
 
@@ -200,33 +208,51 @@ def _test_images():
     ]
 
 
-def test_preprocess_equals_transformers():
-    reference = CLIPImageProcessorPil()
-    for image in _test_images():
-        ours = preprocess(image)
-        expected = reference(images=image, return_tensors="np").pixel_values.transpose(0, 2, 3, 1)
-        assert ours.shape == expected.shape == (1, 224, 224, 3) and ours.dtype == np.float32
-        assert np.max(np.abs(ours - expected)) <= 1e-5
+def _pixel_values(processor, images) -> np.ndarray:
+    """transformers' NCHW pixel values as the NHWC ones CLIPModel takes."""
+    return processor(images=images, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("folder", [None, SHIPPED_CLIP], ids=["clip-defaults", "shapes-clip"])
+def test_ip2p_pixel_values_equal_the_processor_at_the_clip_size(folder, tmp_path):
+    """Where no resize happens (images at the CLIP's size), the IP2P reference's input and CLIP's standard
+    processing are the same: rescale and CLIP's mean and std."""
+    processor = load_clip_preprocessor(folder or tmp_path)
+    size = processor.crop_size["height"]
+    images = _noise(3, size)
+    ours = np.asarray(ip2p_pixel_values(images.astype(np.float32) / 255, size=size))
+    expected = _pixel_values(processor, list(images))
+    assert ours.shape == expected.shape == (3, size, size, 3) and ours.dtype == expected.dtype == np.float32
+    assert np.max(np.abs(ours - expected)) <= 1e-5
 
 
 def test_preprocessor_config_is_read(tmp_path):
     settings = dict(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 24}, resample=2, image_mean=0.5)
     reference = CLIPImageProcessorPil(**settings)
     reference.save_pretrained(tmp_path)
-    config = load_clip_preprocessor(tmp_path)
-    assert config == CLIPImageProcessorConfig(size=40, crop_size=(32, 24), resample=2, image_mean=(0.5,) * 3)
+    processor = load_clip_preprocessor(tmp_path)
+    assert isinstance(processor, CLIPImageProcessorPil) and processor.to_dict() == reference.to_dict()
     images = _test_images()[:2]
     expected = np.stack([reference(images=i, return_tensors="np").pixel_values[0] for i in images])
-    assert np.max(np.abs(preprocess(images, config) - expected.transpose(0, 2, 3, 1))) <= 1e-5
-    # The old feature-extractor form (OpenAI's checkpoints): ints for sizes.
+    assert np.max(np.abs(_pixel_values(processor, images) - expected.transpose(0, 2, 3, 1))) <= 1e-5
+    # The old feature-extractor form (OpenAI's checkpoints): ints for sizes, CLIP's standard settings.
     legacy = {"crop_size": 224, "size": 224, "resample": 3, "feature_extractor_type": "CLIPFeatureExtractor"}
-    assert CLIPImageProcessorConfig.from_transformers(legacy) == CLIPImageProcessorConfig()
-    with pytest.raises(ValueError, match=r"unknown settings \['do_pad'\]"):
-        CLIPImageProcessorConfig.from_transformers({"do_pad": True})
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(legacy))
+    assert load_clip_preprocessor(tmp_path).to_dict() == CLIPImageProcessorPil().to_dict()
+    (tmp_path / "preprocessor_config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="preprocessor_config.json is not valid JSON"):
+        load_clip_preprocessor(tmp_path)
 
 
 def test_missing_preprocessor_config_means_clip_defaults(tmp_path):
-    assert load_clip_preprocessor(tmp_path) == CLIPImageProcessorConfig()
+    """CLIP's standard processing with the PIL backend (as transformers v4 and OpenAI's clip package), whatever is
+    installed; its mean and std are ours."""
+    processor = load_clip_preprocessor(tmp_path)
+    assert type(processor) is CLIPImageProcessorPil and processor.to_dict() == CLIPImageProcessorPil().to_dict()
+    assert tuple(processor.image_mean) == OPENAI_CLIP_MEAN and tuple(processor.image_std) == OPENAI_CLIP_STD
+    for image in _test_images():
+        pixels = _pixel_values(processor, image)
+        assert pixels.shape == (1, 224, 224, 3) and pixels.dtype == np.float32
 
 
 @pytest.mark.parametrize("height, width", [(45, 61), (300, 260)])

@@ -116,8 +116,9 @@ def run_evaluate(tmp_path_factory, data_dir: str, policy, *extra: str) -> tuple[
         assert str(path) == str(model)
         return fake
 
-    argv = ["--model", str(model), "--dataset", "shapes_edit/small", "--data-dir", data_dir, "--out", str(out)]
-    argv += ["--limit", str(LIMIT), "--batch", str(BATCH), "--seed", str(SEED), "--steps", str(STEPS), *extra]
+    argv = ["--model", str(model), "--config.data.dataset=shapes_edit/small", f"--config.data.data_dir={data_dir}"]
+    argv += ["--out", str(out), f"--config.data.limit={LIMIT}", f"--config.sample.batch={BATCH}"]
+    argv += [f"--config.sample.seed={SEED}", f"--config.sample.steps={STEPS}", *extra]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(InstructPix2PixPipeline, "from_pretrained", classmethod(from_pretrained))
         assert evaluate.main(argv) == 0
@@ -163,7 +164,7 @@ def per_method(method, example, size):
 
 @pytest.fixture(scope="module")
 def truth_run(tmp_path_factory, data_dir):
-    return run_evaluate(tmp_path_factory, data_dir, ground_truth, "--foi", "gamma=1")
+    return run_evaluate(tmp_path_factory, data_dir, ground_truth, "--config.foi.gamma=1")
 
 
 @pytest.fixture(scope="module")
@@ -349,8 +350,9 @@ def test_the_table_lists_every_row(per_method_run):
 
 
 def test_a_batch_smaller_than_the_grid(tmp_path_factory, data_dir):
-    """``--batch 2`` with more examples than that: the evaluation completes (the grid shows what it has)."""
-    extra = ["--limit", "3", "--batch", "2", "--methods", "ip2p,foi", "--splits", "test_single"]
+    """A batch of 2 with more examples than that: the evaluation completes (the grid shows what it has)."""
+    extra = ["--config.data.limit=3", "--config.sample.batch=2", "--config.methods=ip2p,foi"]
+    extra += ["--config.data.splits=test_single"]
     record, _, out = run_evaluate(tmp_path_factory, data_dir, ground_truth, *extra)
     assert record["results"]["test_single"]["foi"]["examples"] == 3
     grid = np.asarray(Image.open(out / "examples.png"))

@@ -54,7 +54,8 @@ def test_diffusers_and_we_make_the_same_edit(model):
 def test_readme_edit_with_the_default_model(tmp_path):
     """README's first command (fewer steps): two instructions with FoI and the comparison grid."""
     out = tmp_path / "edited.png"
-    argv = ["--image", str(ROOT / "examples" / "shapes.png"), "--out", str(out), "--compare", "--steps", "10"]
+    argv = ["--image", str(ROOT / "examples" / "shapes.png"), "--out", str(out), "--compare"]
+    argv += ["--config.sample.steps=10"]
     argv += ["--instruction", "make the circle blue", "--keyword", "circle"]
     argv += ["--instruction", "remove the square", "--keyword", "square"]
     assert sample.main(argv) == 0
@@ -86,15 +87,15 @@ def small_data(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory, small_data):
     out = tmp_path_factory.mktemp("evaluation")
-    argv = ["--dataset", "shapes_edit/small", "--data-dir", small_data, "--limit", "2", "--steps", "4"]
-    argv += ["--out", str(out), "--foi", "gamma=2"]
+    argv = ["--config.data.dataset=shapes_edit/small", f"--config.data.data_dir={small_data}"]
+    argv += ["--config.data.limit=2", "--config.sample.steps=4", "--out", str(out), "--config.foi.gamma=2"]
     assert evaluate.main(argv) == 0
     return out
 
 
 def test_evaluate_writes_a_table_json_and_a_grid(evaluation):
     record = json.loads((evaluation / "results.json").read_text())
-    assert record["settings"]["foi_overrides"] == ["gamma=2"] and record["settings"]["foi"]["gamma"] == 2
+    assert record["settings"]["config"]["foi"]["gamma"] == 2 and record["settings"]["foi"]["gamma"] == 2
     assert set(record["results"]) == set(evaluate.SPLITS)
     for split, methods in record["results"].items():
         assert set(methods) == set(evaluate.METHODS)
@@ -113,7 +114,7 @@ def test_evaluate_writes_a_table_json_and_a_grid(evaluation):
 
 def test_evaluate_refuses_unknown_methods(capsys):
     with pytest.raises(SystemExit):
-        evaluate.main(["--methods", "ip2p,magic"])
+        evaluate.main(["--config.methods=ip2p,magic"])
     assert "unknown method 'magic'" in capsys.readouterr().err
 
 

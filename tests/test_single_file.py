@@ -240,7 +240,8 @@ def test_sample_cli_reads_a_single_file(single_file, pipeline_dir, tmp_path, cap
 
     image = tmp_path / "in.png"
     Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
-    common = ["--image", str(image), "--instruction", "make the sky blue", "--steps", "2", "--scheduler", "euler"]
+    common = ["--image", str(image), "--instruction", "make the sky blue"]
+    common += ["--config.sample.steps=2", "--config.sample.scheduler=euler"]
     argv = ["--model", str(single_file), "--model-config", str(pipeline_dir), "--out", str(tmp_path / "file.png")]
     assert sample.main(argv + common) == 0
     assert sample.main(["--model", str(pipeline_dir), "--out", str(tmp_path / "folder.png")] + common) == 0

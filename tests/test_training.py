@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from ip2p_jax.data.synthetic import synthetic_batch
+from ip2p_jax.random_models import smoke_models
 from ip2p_jax.schedulers import SchedulerConfig, vp_predictions
 from ip2p_jax.tokenizer import tokenize
 from ip2p_jax.training import checkpoint
@@ -34,7 +35,6 @@ from ip2p_jax.training.objective import (
 )
 from ip2p_jax.training.state import apply_gradients, create_train_state, ema_decay, make_optimizer
 from ip2p_jax.training.step import StepSettings, apply_conditioning_dropout, conditioning_dropout, train_step
-from ip2p_jax.training.tiny import tiny_models
 
 BATCH, SIZE = 8, 32
 
@@ -42,7 +42,7 @@ BATCH, SIZE = 8, 32
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The tiny model, its frozen parts, a jitted step (compiled once for the module) and a batch source."""
-    unet, params, vae, vae_params, text, text_params, tokenizer = tiny_models(tmp_path_factory.mktemp("tiny"), 0)
+    unet, params, vae, vae_params, text, text_params, tokenizer = smoke_models(tmp_path_factory.mktemp("tiny"), 0)
     tx = make_optimizer(1e-3)
     settings = StepSettings(
         unet=unet,
@@ -157,7 +157,7 @@ def test_resume_equals_a_straight_run(setup, tmp_path):
 
 
 def test_expansion_to_eight_channels_ignores_the_image_latent(tmp_path):
-    unet4, params4, *_ = tiny_models(tmp_path, 3, in_channels=4)
+    unet4, params4, *_ = smoke_models(tmp_path, 3, in_channels=4)
     # SD's conv_in has a bias: make it non-zero so that keeping it is checked.
     params4 = {**params4, "conv_in": {**params4["conv_in"], "bias": jnp.linspace(-1, 1, 16)}}
     unet8, params8 = expand_input_channels(unet4, params4, 8)

@@ -22,7 +22,6 @@ def main(argv=None) -> dict[str, float]:
     import jax
     import numpy as np
 
-    from ip2p_jax.clip_preprocess import preprocess
     from ip2p_jax.data import captioned_scenes
     from ip2p_jax.tokenizer import tokenize
     from ip2p_jax.training.clip import retrieval_top1
@@ -35,7 +34,8 @@ def main(argv=None) -> dict[str, float]:
     figures = []
     for group in range(args.groups):
         scenes = [captioned_scenes.draw(0, "eval", group * args.count + i) for i in range(args.count)]
-        pixels = preprocess([scene.image for scene in scenes], processor)
+        images = [scene.image for scene in scenes]
+        pixels = processor(images=images, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)  # NCHW -> NHWC
         image_embeds, text_embeds = encode(pixels, tokenize(tokenizer, [scene.caption for scene in scenes]))
         figures.append(retrieval_top1(np.asarray(image_embeds), np.asarray(text_embeds)))
         print(f"group {group}: " + ", ".join(f"{k} {v:.1%}" for k, v in figures[-1].items()))

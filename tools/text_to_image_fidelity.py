@@ -56,30 +56,21 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
 
     from ip2p_jax import parallel
-    from ip2p_jax.clip_preprocess import preprocess
     from ip2p_jax.data import captioned_scenes
     from ip2p_jax.evaluation.shapes_edit import generated_scene_colours
     from ip2p_jax.generation.text_to_image import TextToImageInputs, TextToImageSettings, make_text_to_image_sampler
     from ip2p_jax.pipeline import postprocess
-    from ip2p_jax.schedulers import Scheduler
     from ip2p_jax.tokenizer import tokenize
-    from ip2p_jax.weights import (
-        load_clip,
-        load_clip_preprocessor,
-        load_text_encoder,
-        load_tokenizer,
-        load_unet,
-        load_vae,
-    )
-    from ip2p_jax.weights.files import resolve_folder
+    from ip2p_jax.weights import load_clip, load_clip_preprocessor, load_stack, load_tokenizer
 
-    unet, unet_params = load_unet(args.model)
-    if unet.config.in_channels != 4:
-        parser.error(f"{args.model} is not a text-to-image model ({unet.config.in_channels} input channels)")
-    vae, vae_params = load_vae(args.model)
-    text, text_params = load_text_encoder(args.model)
-    tokenizer = load_tokenizer(args.model)
-    scheduler = Scheduler.from_folder(resolve_folder(args.model, "scheduler"))
+    def text_to_image_unet(unet, params):
+        if unet.config.in_channels != 4:
+            parser.error(f"{args.model} is not a text-to-image model ({unet.config.in_channels} input channels)")
+        return unet, params
+
+    stack = load_stack(args.model, prepare_unet=text_to_image_unet)
+    unet, vae, text, tokenizer, scheduler = stack.unet, stack.vae, stack.text_encoder, stack.tokenizer, stack.scheduler
+    unet_params, vae_params, text_params = stack.params["unet"], stack.params["vae"], stack.params["text_encoder"]
     clip, clip_params = load_clip(args.clip)
     processor, clip_tokenizer = load_clip_preprocessor(args.clip), load_tokenizer(args.clip, subfolder="")
 
@@ -115,7 +106,8 @@ def main(argv=None) -> dict:
         hits = []
         for image, (scene, order) in zip(images, drawn, strict=True):
             for truth, texts in shape_variants(scene, order):
-                pixels = preprocess(np.repeat(image[None], len(texts), 0), processor)
+                pixels = processor(images=image, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)  # NHWC
+                pixels = np.repeat(pixels, len(texts), axis=0)  # one image against each variant
                 image_embeds, text_embeds = clip_embed(pixels, tokenize(clip_tokenizer, texts))
                 text_embeds = np.asarray(text_embeds) / np.linalg.norm(text_embeds, axis=-1, keepdims=True)
                 scores = text_embeds @ np.asarray(image_embeds)[0]  # cosine up to the image's norm

@@ -6,14 +6,15 @@
   * ``modulation``: 4.2, cross-condition attention modulation ``softmax(X + dX) * M + softmax(Y) * (1 - M)``, an
     attention control;
   * ``guidance``: 4.3, decoupled guidance, the text term of IP2P's guidance restricted to the union of the masks;
-  * ``config``: every setting (``FoIConfig``; paper 5.1's defaults) and a model folder's recommended ones;
+  * ``config``: every setting (``FoIConfig``; paper 5.1's defaults), a model folder's recommended ones, and the
+    settings as a script config's ``foi`` group;
   * ``sampler``: the jitted sampler that strings them together.
 
 The paper never released code; this is the project's reading of it, stated in ``docs/foi.md`` next to the
 paper's words. The names below are the package's public ones.
 """
 
-from ip2p_jax.foi.config import FOI_CONFIG, FoIConfig
+from ip2p_jax.foi.config import FOI_CONFIG, FoIConfig, foi_config, foi_settings
 from ip2p_jax.foi.guidance import decoupled_text_mask, in_decoupled_window
 from ip2p_jax.foi.instructions import (
     SEPARATOR,
@@ -50,6 +51,8 @@ __all__ = [
     "decoupled_text_mask",
     "draw_tau",
     "extract_masks",
+    "foi_config",
+    "foi_settings",
     "gaussian_filter",
     "in_decoupled_window",
     "instruction_tokens",

@@ -7,7 +7,13 @@ import json
 import math
 import numbers
 import os
+import typing
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
 
 FOI_CONFIG = "foi_config.json"  # a model folder's recommended FoI settings (``FoIConfig.for_model``)
 
@@ -128,3 +134,23 @@ def _check_tau(tau) -> float | tuple[float, float]:
     return _check_real(
         "tau", tau, "in [0, 1], or a (low, high) range with 0 <= low <= high <= 1", lambda x: 0 <= x <= 1
     )
+
+
+def foi_settings() -> ml_collections.ConfigDict:
+    """Every ``FoIConfig`` setting, unset, as a script config's ``foi`` group (``--config.foi.tau=0.3``): each is a
+    placeholder of its field's type (``tau``, a value or a range, takes any Python literal), so that the fields are
+    declared once, here in the dataclass. ``foi_config`` turns the group into a ``FoIConfig``."""
+    types = typing.get_type_hints(FoIConfig)
+    return ml_collections.ConfigDict(
+        {
+            field.name: config_dict.placeholder(
+                types[field.name] if types[field.name] in (bool, int, float, str) else object
+            )
+            for field in dataclasses.fields(FoIConfig)
+        }
+    )
+
+
+def foi_config(model: str | os.PathLike, settings: Mapping[str, Any]) -> FoIConfig:
+    """``FoIConfig.for_model(model)`` with the settings of ``settings`` (a ``foi_settings`` group) that are set."""
+    return FoIConfig.for_model(model, **{name: value for name, value in settings.items() if value is not None})

@@ -67,8 +67,9 @@ from ip2p_jax.generation.text_to_image import (
 )
 from ip2p_jax.generation.triples import Triple, TripleError, read_triples
 from ip2p_jax.models.clip import CLIPModel
+from ip2p_jax.models.stack import ModelStack
 from ip2p_jax.parallel import batch_sharded, data_mesh, pad_batch, padded_size, replicated
-from ip2p_jax.random_models import TextToImageModels, tiny_clip, tiny_text_to_image
+from ip2p_jax.random_models import tiny_clip, tiny_text_to_image
 from ip2p_jax.tokenizer import tokenize
 
 
@@ -81,29 +82,26 @@ class ClipScorer:
     tokenizer: Any
 
 
-def load_models(config, workdir: Path) -> tuple[TextToImageModels, ClipScorer]:
+def load_models(config, workdir: Path) -> tuple[ModelStack, ClipScorer]:
     """The config's text-to-image stack and CLIP: diffusers / transformers folders or hub ids, or ``"tiny"`` for
     random ones built in code (their vocabulary files go to ``workdir``)."""
     from ip2p_jax.schedulers import Scheduler
-    from ip2p_jax.weights import load_clip, load_text_encoder, load_tokenizer, load_unet, load_vae
-    from ip2p_jax.weights.files import resolve_folder
+    from ip2p_jax.weights import load_clip, load_stack, load_tokenizer
+
+    def text_to_image_unet(unet, params):
+        if unet.config.in_channels != 4:
+            raise ValueError(
+                f"{config.model}: data generation needs a text-to-image UNet (4 input channels), this one has "
+                f"{unet.config.in_channels}"
+            )
+        return unet, params
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     if config.model == "tiny":
         models = tiny_text_to_image(workdir / "tiny-vocab", config.seed, in_channels=4, dtype=dtype)
         models.scheduler = Scheduler(config.scheduler, models.scheduler.config)
     else:
-        unet, unet_params = load_unet(config.model, dtype=dtype)
-        if unet.config.in_channels != 4:
-            raise ValueError(
-                f"{config.model}: data generation needs a text-to-image UNet (4 input channels), this one has "
-                f"{unet.config.in_channels}"
-            )
-        vae, vae_params = load_vae(config.model, dtype=dtype)
-        text_encoder, text_params = load_text_encoder(config.model, dtype=dtype)
-        scheduler = Scheduler.from_folder(resolve_folder(config.model, "scheduler"), kind=config.scheduler)
-        params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
-        models = TextToImageModels(unet, vae, text_encoder, load_tokenizer(config.model), scheduler, params)
+        models = load_stack(config.model, dtype=dtype, scheduler_kind=config.scheduler, prepare_unet=text_to_image_unet)
     if config.clip == "tiny":
         clip = ClipScorer(*tiny_clip(workdir / "tiny-clip-vocab", config.seed + 1))
     else:
@@ -134,7 +132,7 @@ class PairGenerator:
       progress: optional host callback given the steps done in the current batch.
     """
 
-    def __init__(self, models: TextToImageModels, clip: ClipScorer, config, mesh=None, progress=None):
+    def __init__(self, models: ModelStack, clip: ClipScorer, config, mesh=None, progress=None):
         self.models, self.clip, self.config = models, clip, config
         self.mesh = data_mesh(jax.local_devices()) if mesh is None else mesh
         factor = 2 ** (len(models.vae.config.block_out_channels) - 1)

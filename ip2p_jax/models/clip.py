@@ -2,14 +2,16 @@
 
 The text tower is ``models/clip_text.py``'s; this file adds the vision transformer (a ViT whose patch embedding is
 a convolution without bias, with a learned class token, ``pre_layrnorm`` before the encoder and ``post_layernorm``
-on the class token), the two projections into the joint space and ``logit_scale``. Used for the CLIP metrics of
+on the class token; its encoder is ``clip_text.CLIPEncoder`` with ``causal=False``), the two projections into the
+joint space and ``logit_scale``. Used for the CLIP metrics of
 IP2P's data generation and evaluation (``ip2p_jax/evaluation/clip_metrics.py``): OpenAI's ViT-L/14 and PickScore
 (a fine-tuned OpenCLIP ViT-H/14) are both this module with different settings.
 
 Parameter names mirror transformers' (``vision_model.encoder.layers.0.self_attn.q_proj`` ->
 ``vision_model/encoder/layers_0/self_attn/q_proj``); ``vision_model.embeddings.class_embedding`` and
-``logit_scale`` are bare parameters there and here. Images are NHWC: ``pixel_values_bhwc`` is what
-``ip2p_jax/clip_preprocess.py`` returns (resized, cropped and normalised with CLIP's mean and std).
+``logit_scale`` are bare parameters there and here. Images are NHWC, resized and normalised with CLIP's mean and
+std: ``pixel_values_bhwc`` is what ``clip_preprocess.ip2p_pixel_values`` returns, or transformers'
+``CLIPImageProcessor`` output (``weights.load_clip_preprocessor``, NCHW) transposed.
 """
 
 from __future__ import annotations
@@ -22,14 +24,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ip2p_jax.models.attention import split_heads
 from ip2p_jax.models.clip_text import (
     _IGNORED_SETTINGS,
     ACTIVATIONS,
-    CLIPMLP,
+    CLIPEncoder,
     CLIPTextConfig,
     CLIPTextTransformer,
-    _dense,
     _layer_norm,
 )
 
@@ -211,53 +211,6 @@ class CLIPConfig:
         )
 
 
-class CLIPVisionAttention(nn.Module):
-    """Multi-head self-attention over all tokens, no mask (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``).
-
-    The text tower's ``CLIPAttention`` is causal; image tokens see each other both ways.
-    """
-
-    config: CLIPVisionConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
-        cfg = self.config
-        q, k, v = (
-            split_heads(_dense(cfg.hidden_size, self.dtype, f"{n}_proj")(x_btd), cfg.num_attention_heads)
-            for n in ("q", "k", "v")
-        )
-        out = jax.nn.dot_product_attention(q, k, v).reshape(x_btd.shape)
-        return _dense(cfg.hidden_size, self.dtype, "out_proj")(out)
-
-
-class CLIPVisionEncoderLayer(nn.Module):
-    """Pre-norm residual block: self-attention, then the text tower's MLP."""
-
-    config: CLIPVisionConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
-        cfg = self.config
-        x_btd = x_btd + CLIPVisionAttention(cfg, self.dtype, name="self_attn")(
-            _layer_norm(cfg, self.dtype, "layer_norm1")(x_btd)
-        )
-        # CLIPMLP reads hidden_size, intermediate_size and hidden_act, which the vision config has too.
-        return x_btd + CLIPMLP(cfg, self.dtype, name="mlp")(_layer_norm(cfg, self.dtype, "layer_norm2")(x_btd))
-
-
-class CLIPVisionEncoder(nn.Module):
-    config: CLIPVisionConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, h_btd: jax.Array) -> jax.Array:
-        for i in range(self.config.num_hidden_layers):
-            h_btd = CLIPVisionEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(h_btd)
-        return h_btd
-
-
 class CLIPVisionEmbeddings(nn.Module):
     """Non-overlapping patches (a strided convolution without bias), the class token first, plus learned positions."""
 
@@ -314,7 +267,8 @@ class CLIPVisionTransformer(nn.Module):
         cfg = self.config
         h = CLIPVisionEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values_bhwc)
         h = _layer_norm(cfg, self.dtype, "pre_layrnorm")(h)  # sic: transformers' name for the checkpoint key
-        h = CLIPVisionEncoder(cfg, self.dtype, name="encoder")(h)
+        # The text tower's encoder without the causal mask: image patches attend to each other both ways.
+        h = CLIPEncoder(cfg, causal=False, dtype=self.dtype, name="encoder")(h)
         pooled = _layer_norm(cfg, self.dtype, "post_layernorm")(h[:, 0])
         return h.astype(jnp.float32), pooled.astype(jnp.float32)
 

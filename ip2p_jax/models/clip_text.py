@@ -3,13 +3,16 @@
 Returns the last hidden state after the final layer norm, which is what Stable Diffusion conditions on.
 ``transformers`` v5 ships no Flax models, so this is our own; parameter names mirror transformers'
 (``text_model.encoder.layers.0.self_attn.q_proj`` -> ``text_model/encoder/layers_0/self_attn/q_proj``).
+
+``CLIPEncoder`` (and its ``CLIPEncoderLayer``, ``CLIPAttention``, ``CLIPMLP``) is the transformer of both CLIP
+towers: causal here, unmasked in ``models/clip.py``'s vision tower, with the same parameter names in both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -87,56 +90,102 @@ class CLIPTextConfig:
         return text_config
 
 
+class TransformerConfig(Protocol):
+    """What ``CLIPEncoder`` reads of a tower's config: ``CLIPTextConfig`` and ``models/clip.py``'s
+    ``CLIPVisionConfig`` both have these fields."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    hidden_act: str
+    layer_norm_eps: float
+
+
 def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _layer_norm(cfg: CLIPTextConfig, dtype: Any, name: str) -> nn.LayerNorm:
+def _layer_norm(cfg: TransformerConfig, dtype: Any, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32, name=name
     )
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``)."""
+    """Multi-head self-attention (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``).
 
-    config: CLIPTextConfig
+    Attributes:
+      config: the tower's sizes (``hidden_size``, ``num_attention_heads``).
+      causal: each token sees only itself and the tokens before it (the text tower); otherwise every token sees
+        every other (the vision tower: image patches have no order to respect).
+      dtype: compute dtype; parameters stay float32.
+    """
+
+    config: TransformerConfig
+    causal: bool
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btd):
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        """``(B, T, hidden)`` -> ``(B, T, hidden)``."""
         cfg = self.config
         q, k, v = (
             split_heads(_dense(cfg.hidden_size, self.dtype, f"{n}_proj")(x_btd), cfg.num_attention_heads)
             for n in ("q", "k", "v")
         )
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(x_btd.shape)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal).reshape(x_btd.shape)
         return _dense(cfg.hidden_size, self.dtype, "out_proj")(out)
 
 
 class CLIPMLP(nn.Module):
-    config: CLIPTextConfig
+    """``fc1`` to ``intermediate_size``, the config's activation, ``fc2`` back: ``(B, T, hidden)`` -> same."""
+
+    config: TransformerConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btd):
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
         h = ACTIVATIONS[self.config.hidden_act](_dense(self.config.intermediate_size, self.dtype, "fc1")(x_btd))
         return _dense(self.config.hidden_size, self.dtype, "fc2")(h)
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-norm residual block: causal self-attention, then the MLP."""
+    """Pre-norm residual block: self-attention (causal or not, see ``CLIPAttention``), then the MLP."""
 
-    config: CLIPTextConfig
+    config: TransformerConfig
+    causal: bool
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btd):
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        """``(B, T, hidden)`` -> ``(B, T, hidden)``."""
         cfg = self.config
-        x_btd = x_btd + CLIPAttention(cfg, self.dtype, name="self_attn")(
+        x_btd = x_btd + CLIPAttention(cfg, self.causal, self.dtype, name="self_attn")(
             _layer_norm(cfg, self.dtype, "layer_norm1")(x_btd)
         )
         return x_btd + CLIPMLP(cfg, self.dtype, name="mlp")(_layer_norm(cfg, self.dtype, "layer_norm2")(x_btd))
+
+
+class CLIPEncoder(nn.Module):
+    """The transformer of either CLIP tower: ``num_hidden_layers`` ``CLIPEncoderLayer`` (``layers_0``, ...).
+
+    Attributes:
+      config: the tower's sizes and activation (``CLIPTextConfig`` or ``CLIPVisionConfig``).
+      causal: True for the text tower (causal attention), False for the vision tower.
+      dtype: compute dtype; parameters stay float32.
+    """
+
+    config: TransformerConfig
+    causal: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h_btd: jax.Array) -> jax.Array:
+        """``(B, T, hidden)`` -> ``(B, T, hidden)``, not normalised (each tower applies its own final layer norm)."""
+        for i in range(self.config.num_hidden_layers):
+            h_btd = CLIPEncoderLayer(self.config, self.causal, self.dtype, name=f"layers_{i}")(h_btd)
+        return h_btd
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -154,29 +203,25 @@ class CLIPTextEmbeddings(nn.Module):
         return tokens(input_ids_bt) + positions(jnp.arange(input_ids_bt.shape[1]))[None]
 
 
-class CLIPEncoder(nn.Module):
-    config: CLIPTextConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, h_btd):
-        for i in range(self.config.num_hidden_layers):
-            h_btd = CLIPEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(h_btd)
-        return h_btd
-
-
 class CLIPTextTransformer(nn.Module):
+    """transformers' ``CLIPTextTransformer`` (``text_model``): embeddings, the causal encoder, the final layer norm.
+
+    Causal as OpenAI trained it: each token's state depends only on the tokens before it, so padding after the
+    end token changes nothing up to it.
+    """
+
     config: CLIPTextConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids_bt):
+    def __call__(self, input_ids_bt: jax.Array) -> jax.Array:
+        """Token ids ``(B, T)`` -> ``(B, T, hidden)`` float32 after ``final_layer_norm``."""
         cfg = self.config
         length = input_ids_bt.shape[1]
         if length > cfg.max_position_embeddings:
             raise ValueError(f"{length} tokens exceed the text encoder's {cfg.max_position_embeddings} positions")
         h = CLIPTextEmbeddings(cfg, name="embeddings")(input_ids_bt).astype(self.dtype)
-        h = CLIPEncoder(cfg, self.dtype, name="encoder")(h)
+        h = CLIPEncoder(cfg, causal=True, dtype=self.dtype, name="encoder")(h)
         return _layer_norm(cfg, self.dtype, "final_layer_norm")(h).astype(jnp.float32)
 
 

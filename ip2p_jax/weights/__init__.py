@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -18,20 +19,27 @@ import numpy as np
 from flax import traverse_util
 from transformers import CLIPTokenizer
 
-from ip2p_jax.clip_preprocess import CLIPImageProcessorConfig
 from ip2p_jax.models.clip import BARE_PARAMETERS, CLIPConfig, CLIPModel
 from ip2p_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from ip2p_jax.models.stack import ModelStack
 from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
+from ip2p_jax.schedulers import Scheduler
 from ip2p_jax.weights import single_file
 from ip2p_jax.weights.convert import convert_state_dict, rename_old_vae_attention
 from ip2p_jax.weights.files import CheckpointError, read_config, read_safetensors, resolve_folder
+
+if TYPE_CHECKING:
+    from transformers import CLIPImageProcessorPil
 
 __all__ = [
     "CheckpointError",
     "load_clip",
     "load_clip_preprocessor",
+    "load_scheduler",
     "load_single_file",
+    "load_single_file_stack",
+    "load_stack",
     "load_text_encoder",
     "load_tokenizer",
     "load_unet",
@@ -171,19 +179,31 @@ def load_clip(
 
 def load_clip_preprocessor(
     path_or_repo_id: PathOrRepo, subfolder: str = "", *, revision: str | None = None
-) -> CLIPImageProcessorConfig:
-    """The ``preprocessor_config.json`` of a folder or hub repo, or CLIP's standard settings where there is none.
+) -> CLIPImageProcessorPil:
+    """transformers' CLIP image processor with the ``preprocessor_config.json`` of a folder or hub repo, or with
+    CLIP's standard settings where there is none.
 
     PickScore's model card takes its processor from ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; its settings, like
-    ``openai/clip-vit-large-patch14``'s, are CLIP's standard ones (``CLIPImageProcessorConfig()``).
+    ``openai/clip-vit-large-patch14``'s, are CLIP's standard ones (``CLIPImageProcessorPil()``). It is the PIL
+    backend whatever is installed: what transformers v4 and OpenAI's ``clip`` package compute (uint8 images resized
+    with PIL's bicubic); v5's default ``CLIPImageProcessor`` switches to torchvision where that is installed, whose
+    float resize differs by a few levels of 255 at edges.
+
+    ``processor(images=..., return_tensors="np")["pixel_values"]`` is NCHW float32; ``CLIPModel`` takes NHWC
+    (``.transpose(0, 2, 3, 1)``).
     """
+    # Imported here: transformers' image processing imports torch where it is installed (seconds), which the
+    # programs importing this module for their other loaders do not need.
+    from transformers import CLIPImageProcessorPil
+
     # Named as the "weights", the config makes the hub download take the folder's JSON files and no tensors.
     folder = resolve_folder(path_or_repo_id, subfolder, weights_name=PREPROCESSOR_CONFIG, revision=revision)
     if not (folder / PREPROCESSOR_CONFIG).is_file():
-        return CLIPImageProcessorConfig()
+        return CLIPImageProcessorPil()
+    read_config(folder, PREPROCESSOR_CONFIG)  # invalid JSON: a CheckpointError naming the file
     try:
-        return CLIPImageProcessorConfig.from_transformers(read_config(folder, PREPROCESSOR_CONFIG))
-    except ValueError as error:
+        return CLIPImageProcessorPil.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as error:
         raise _config_error("CLIP image processor", folder, error) from error
 
 
@@ -223,6 +243,68 @@ def load_prediction_type(
     ``v_prediction``."""
     config = read_config(resolve_folder(path_or_repo_id, subfolder, revision=revision), "scheduler_config.json")
     return config.get("prediction_type", "epsilon")
+
+
+def load_scheduler(
+    path_or_repo_id: PathOrRepo, subfolder: str = "scheduler", *, kind: str | None = None, revision: str | None = None
+) -> Scheduler:
+    """The scheduler of a diffusers folder or hub repo (``scheduler_config.json``): its own class, or ``kind``
+    (``schedulers.SCHEDULERS``) with its settings."""
+    return Scheduler.from_folder(resolve_folder(path_or_repo_id, subfolder, revision=revision), kind=kind)
+
+
+# What a caller does to the UNet as it is read, before anything else is: ``(module, params) -> (module, params)``.
+PrepareUNet = Callable[[UNet2DConditionModel, Any], tuple[UNet2DConditionModel, Any]]
+
+
+def load_stack(
+    path_or_repo_id: PathOrRepo,
+    *,
+    dtype: Any = jnp.float32,
+    vae_dtype: Any = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    scheduler_kind: str | None = None,
+    with_scheduler: bool = True,
+    prepare_unet: PrepareUNet | None = None,
+) -> ModelStack:
+    """A Stable Diffusion or InstructPix2Pix stack from a diffusers-layout folder or hub repo id (``unet/``,
+    ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), the components read in that order.
+
+    Args:
+      dtype: the compute dtype of the UNet and the text encoder (params stay float32).
+      vae_dtype: the autoencoder's compute dtype; ``None``: ``dtype``.
+      revision, variant: the hub revision; the weights' variant (``"fp16"``, upcast to float32).
+      scheduler_kind: a scheduler of ``schedulers.SCHEDULERS`` with the checkpoint's settings; ``None``: the
+        checkpoint's own class.
+      with_scheduler: ``False``: no scheduler is read (``ModelStack.scheduler`` is ``None``; training makes its own).
+      prepare_unet: applied to the UNet and its params as soon as they are read, before the other components: a
+        caller's requirement (its input channels) fails before anything else is read or downloaded, and a change
+        (another attention kernel, more input channels) is what the stack holds.
+    """
+    options = dict(revision=revision, variant=variant)
+    unet, unet_params = load_unet(path_or_repo_id, dtype=dtype, **options)
+    if prepare_unet is not None:
+        unet, unet_params = prepare_unet(unet, unet_params)
+    vae, vae_params = load_vae(path_or_repo_id, dtype=dtype if vae_dtype is None else vae_dtype, **options)
+    text_encoder, text_params = load_text_encoder(path_or_repo_id, dtype=dtype, **options)
+    return _stack(
+        (unet, unet_params),
+        (vae, vae_params),
+        (text_encoder, text_params),
+        path_or_repo_id,
+        revision=revision,
+        scheduler_kind=scheduler_kind,
+        with_scheduler=with_scheduler,
+    )
+
+
+def _stack(unet, vae, text_encoder, source, *, revision, scheduler_kind=None, with_scheduler=True) -> ModelStack:
+    """``(module, params)`` of each model and ``source``'s tokenizer and scheduler, as a ``ModelStack``."""
+    tokenizer = load_tokenizer(source, revision=revision)
+    scheduler = load_scheduler(source, kind=scheduler_kind, revision=revision) if with_scheduler else None
+    params = {"unet": unet[1], "vae": vae[1], "text_encoder": text_encoder[1]}
+    return ModelStack(unet[0], vae[0], text_encoder[0], tokenizer, scheduler, params)
 
 
 # The hub repo whose configs and tokenizer fit a single file with no ``config`` named, by the UNet's cross-attention
@@ -333,3 +415,22 @@ def load_single_file(
     if "text_encoder" not in components:
         components["text_encoder"] = load_text_encoder(config, dtype=dtype, **options)
     return components, config
+
+
+def load_single_file_stack(
+    path: PathOrRepo,
+    config: PathOrRepo | None = None,
+    *,
+    allow_pickle: bool = False,
+    ema: bool = False,
+    revision: str | None = None,
+    dtype: Any = jnp.float32,
+    prepare_unet: PrepareUNet | None = None,
+) -> ModelStack:
+    """``load_single_file``'s models with the tokenizer and the scheduler of its ``config`` (the one it names by
+    default), as a ``ModelStack``; ``prepare_unet`` as for ``load_stack``, applied before those two are read."""
+    components, config = load_single_file(
+        path, config, allow_pickle=allow_pickle, ema=ema, revision=revision, dtype=dtype
+    )
+    unet = components["unet"] if prepare_unet is None else prepare_unet(*components["unet"])
+    return _stack(unet, components["vae"], components["text_encoder"], config, revision=revision)
