@@ -102,8 +102,9 @@ def main(argv) -> None:
             what = f"a CLIP (from {source})"
         else:
             source = str(workdir / INITIAL_MODEL) if config["model"] == "new" else config["model"]
-            # The run's objective; a config saved before these settings existed reads as the defaults.
-            objective, schedule = training_objective(config, source)
+            # The run's objective: its config's group; a config saved before the groups has the settings at its top
+            # level, and one saved before they existed reads as the defaults.
+            objective, schedule = training_objective(config.get("objective", config), source)
             scheduler = ip2p_scheduler_config(**schedule, prediction_type=objective.prediction_type)
             out = export_ip2p(_OUT.value, weights, source, scheduler)
             kind = "text-to-image" if config.get("task") == "text_to_image" else "InstructPix2Pix"

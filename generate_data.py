@@ -6,8 +6,8 @@
 Reads a JSONL file of {"input", "edit", "output"} triples, generates ``samples_per_triple`` Prompt-to-Prompt pairs
 per triple over the local devices, keeps the best few that pass IP2P's CLIP filter and writes ``seeds.json``,
 ``NAME/prompt.json`` and ``NAME/{seed}_0.jpg`` / ``{seed}_1.jpg`` (``ip2p_jax/generation/`` has the
-details); ``train.py --config.data=ip2p_original --config.manual_dir=DATA`` trains on the result. A rerun into the
-same folder skips finished triples. Bad triples are reported and skipped; the exit status is then 1.
+details); ``train.py --config.data.name=ip2p_original --config.data.manual_dir=DATA`` trains on the result. A
+rerun into the same folder skips finished triples. Bad triples are reported and skipped; the exit status is then 1.
 """
 
 from __future__ import annotations

@@ -82,31 +82,32 @@ def training_unet(config, unet):
     """The UNet the train step differentiates: ``unet`` with the config's rematerialisation (``remat``: ``none``,
     ``transformer`` or ``resnet_and_transformer``, ``ip2p_jax/models/unet.py``) and attention kernel
     (``attention_backend``, ``partitioned_backend`` of ``models/attention_kernels.py``: the step is one
-    GSPMD-partitioned jit over every device); older configs have neither. Sampling and evaluation use ``unet``
-    itself. An unknown setting is a ``ValueError``."""
+    GSPMD-partitioned jit over every device). Sampling and evaluation use ``unet`` itself. An unknown setting is a
+    ``ValueError``."""
     import jax
 
     from ip2p_jax.models.attention_kernels import partitioned_backend
 
-    backend = partitioned_backend(config.get("attention_backend", "auto"), unet.dtype, jax.device_count())
-    return unet.clone(remat=config.get("remat", "none"), attention_backend=backend)
+    backend = partitioned_backend(config.attention_backend, unet.dtype, jax.device_count())
+    return unet.clone(remat=config.remat, attention_backend=backend)
 
 
 def sample_edit_grid(pipeline, ema_params, rows, steps: int):
     """Edits of ``rows``' input images by their instructions with the EMA UNet: a PIL grid of rows
     (input | target | edit)."""
     import numpy as np
+    from PIL import Image
 
-    from ip2p_jax.pipeline import to_pil
+    from ip2p_jax.pipeline import postprocess, to_pil
+    from ip2p_jax.visualisation import grid
 
     pipeline.params = {**pipeline.params, "unet": ema_params}
     inputs = ((rows["input_image"] + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    targets = ((rows["edited_image"] + 1) / 2).clip(0, 1)
     edits = pipeline(
-        list(inputs), list(rows["instruction"]), num_inference_steps=steps, output_type="np", progress=False
+        list(inputs), list(rows["instruction"]), num_inference_steps=steps, output_type="pil", progress=False
     ).images
-    grid = [np.concatenate([i / 255.0, t, e], axis=1) for i, t, e in zip(inputs, targets, edits, strict=True)]
-    return to_pil(np.concatenate(grid, axis=0))
+    targets = [to_pil(target) for target in postprocess(rows["edited_image"])]
+    return grid([[Image.fromarray(i), t, e] for i, t, e in zip(inputs, targets, edits, strict=True)])
 
 
 @dataclasses.dataclass
@@ -120,8 +121,8 @@ class Task:
       frozen: what the step reads but does not train (replicated).
       batch: this host's data rows (``input_image``, ``edited_image``, ``instruction``; or ``image``, ``caption``
         and the grounded words of the captioned-scene stream) -> the step's arrays.
-      samples: ``(EMA params on the host, data rows) -> PIL grid`` for ``sample_every``, or ``None``.
-      evaluate: ``EMA params on the host -> {name: value}`` for ``sample_every`` (held-out measurements, logged
+      samples: ``(EMA params on the host, data rows) -> PIL grid`` for ``sample.every``, or ``None``.
+      evaluate: ``EMA params on the host -> {name: value}`` for ``sample.every`` (held-out measurements, logged
         and printed), or ``None``.
     """
 
@@ -139,10 +140,10 @@ def optimizer(config):
     from ip2p_jax.training.state import make_optimizer
 
     return make_optimizer(
-        config.learning_rate,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        accumulation=config.accumulation,
+        config.optim.learning_rate,
+        weight_decay=config.optim.weight_decay,
+        max_grad_norm=config.optim.max_grad_norm,
+        accumulation=config.optim.accumulation,
     )
 
 
@@ -162,17 +163,17 @@ def ip2p_task(config, workdir: Path, main_process: bool) -> Task:
     model = model_source(config, workdir, main_process)
     unet, params, vae, vae_params, text, text_params, tokenizer = checkpoint_models(config, model)
     tx = optimizer(config)
-    objective, betas = training_objective(config, model)  # optional settings: older configs train as before
+    objective, betas = training_objective(config.objective, model)
     settings = StepSettings(
         unet=training_unet(config, unet),
         vae=vae,
         text_encoder=text,
         tx=tx,
         alphas_cumprod=tuple(SchedulerConfig(**betas).alphas_cumprod().tolist()),
-        dropout=config.conditioning_dropout,
-        ema_max_decay=config.ema_decay,
-        accumulation=config.accumulation,
-        learning_rate=config.learning_rate,
+        dropout=config.objective.conditioning_dropout,
+        ema_max_decay=config.ema.decay,
+        accumulation=config.optim.accumulation,
+        learning_rate=config.optim.learning_rate,
         objective=objective,
     )
     null_context = text.apply({"params": text_params}, jnp.asarray(tokenize(tokenizer, [""])))
@@ -192,9 +193,9 @@ def ip2p_task(config, workdir: Path, main_process: bool) -> Task:
             unet, vae, text, tokenizer, scheduler, params, parallel.data_mesh(jax.local_devices())
         )
 
-    samples = lambda ema, rows: sample_edit_grid(pipeline(), ema, rows, config.sample_steps)  # noqa: E731
+    samples = lambda ema, rows: sample_edit_grid(pipeline(), ema, rows, config.sample.steps)  # noqa: E731
     evaluate = None
-    if config.get("eval_count", 0) and config.data.split("/")[0] == "shapes_edit":
+    if config.get("eval") and config.eval.count and config.data.name.split("/")[0] == "shapes_edit":
         evaluate = keyword_localisation(config, unet, vae, vae_params, text, text_params, tokenizer, betas)
     step = functools.partial(train_step, settings=settings)
     return Task(params, tx, step, frozen, batch, samples, evaluate)
@@ -202,7 +203,7 @@ def ip2p_task(config, workdir: Path, main_process: bool) -> Task:
 
 def keyword_localisation(config, unet, vae, vae_params, text, text_params, tokenizer, betas) -> Callable:
     """``EMA params -> {name: value}``: the instruction keyword's localisation (``ip2p_jax/evaluation/localisation.py``)
-    on ``eval_count`` fresh ShapesEdit training-distribution edits (drawn past the split's end, so never trained on; the
+    on ``eval.count`` fresh ShapesEdit training-distribution edits (drawn past the split's end, so never trained on; the
     test splits stay untouched), conditioned on the input picture as FoI's mask step is."""
     import jax
     import jax.numpy as jnp
@@ -215,7 +216,7 @@ def keyword_localisation(config, unet, vae, vae_params, text, text_params, token
     from ip2p_jax.tokenizer import tokenize
 
     builder_config = shapes_edit.ShapesEditConfig(name="eval", leak_fraction=0.0)
-    examples = [shapes_edit.draw(builder_config, "train", 10**6 + i) for i in range(config.eval_count)]
+    examples = [shapes_edit.draw(builder_config, "train", 10**6 + i) for i in range(config.eval.count)]
     pixels = np.stack([e.input_image for e in examples]).astype(np.float32) / 127.5 - 1.0
     image_latents, _ = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method="encode"))(pixels)
     latents = vae.config.scaling_factor * image_latents
@@ -230,7 +231,7 @@ def keyword_localisation(config, unet, vae, vae_params, text, text_params, token
     valid = np.ones(weights.shape[:2], bool)
     alphas_cumprod = SchedulerConfig(**betas).alphas_cumprod()
     unet_apply = lambda p, *a: unet.apply({"params": p}, *a)  # noqa: E731
-    size = tuple(config.eval_map_size)
+    size = tuple(config.eval.map_size)
     maps_at = jax.jit(
         lambda p, noise, t, a: noised_maps(unet_apply, p, latents, noise, t, a, context, size, image_latents),
         static_argnums=2,  # the timestep: one compile per measured timestep
@@ -238,10 +239,10 @@ def keyword_localisation(config, unet, vae, vae_params, text, text_params, token
 
     def evaluate(ema):
         measured = {}
-        for t in config.eval_timesteps:
+        for t in config.eval.timesteps:
             noise = jax.random.normal(jax.random.key(t), latents.shape)
             maps = np.asarray(maps_at(ema, noise, int(t), float(alphas_cumprod[t])))
-            found = localisation(maps, weights, regions, valid, gamma=config.eval_gamma, tau=config.eval_tau)
+            found = localisation(maps, weights, regions, valid, gamma=config.eval.gamma, tau=config.eval.tau)
             measured[f"keyword_iou_t{t}"] = float(np.nanmean(found["iou"]))
             measured[f"keyword_inside_over_mean_t{t}"] = float(np.nanmean(found["inside_over_mean"]))
         return measured
@@ -258,6 +259,7 @@ def autoencoder_task(config, workdir: Path, main_process: bool) -> Task:
     from ip2p_jax.pipeline import postprocess, to_pil
     from ip2p_jax.random_models import random_vae
     from ip2p_jax.training.autoencoder import AutoencoderSettings, autoencoder_step
+    from ip2p_jax.visualisation import grid
     from ip2p_jax.weights import load_vae
 
     del workdir, main_process
@@ -269,10 +271,10 @@ def autoencoder_task(config, workdir: Path, main_process: bool) -> Task:
     settings = AutoencoderSettings(
         vae=vae,
         tx=tx,
-        kl_weight=config.kl_weight,
-        ema_max_decay=config.ema_decay,
-        accumulation=config.accumulation,
-        learning_rate=config.learning_rate,
+        kl_weight=config.objective.kl_weight,
+        ema_max_decay=config.ema.decay,
+        accumulation=config.optim.accumulation,
+        learning_rate=config.optim.learning_rate,
     )
     reconstruct = jax.jit(lambda p, x: vae.apply({"params": p}, x))
 
@@ -282,8 +284,8 @@ def autoencoder_task(config, workdir: Path, main_process: bool) -> Task:
     def samples(ema, rows):
         """Rows of (picture | reconstruction by the EMA params)."""
         pictures = rows["input_image"]
-        grid = np.concatenate([postprocess(pictures), postprocess(reconstruct(ema, pictures))], axis=2)
-        return to_pil(np.concatenate(list(grid), axis=0))
+        pairs = zip(postprocess(pictures), postprocess(reconstruct(ema, pictures)), strict=True)
+        return grid([[to_pil(picture), to_pil(reconstruction)] for picture, reconstruction in pairs])
 
     return Task(params, tx, functools.partial(autoencoder_step, settings=settings), {}, batch, samples)
 
@@ -311,7 +313,7 @@ def clip_task(config, workdir: Path, main_process: bool) -> Task:
     clip, params = load_clip(source)
     tokenizer = load_tokenizer(source, subfolder="")
     tx = optimizer(config)
-    settings = CLIPSettings(clip, tx, config.ema_decay, config.accumulation, config.learning_rate)
+    settings = CLIPSettings(clip, tx, config.ema.decay, config.optim.accumulation, config.optim.learning_rate)
     mean, std = np.asarray(OPENAI_CLIP_MEAN, np.float32), np.asarray(OPENAI_CLIP_STD, np.float32)
 
     def batch(rows):
@@ -321,12 +323,12 @@ def clip_task(config, workdir: Path, main_process: bool) -> Task:
             "input_ids": tokenize(tokenizer, list(rows["caption"])),
         }
 
-    held_out = next(captioned_scenes.batches(config.seed, config.eval_count, stream="eval"))
+    held_out = next(captioned_scenes.batches(config.seed, config.eval.count, stream="eval"))
     held_out = batch(held_out)
     encode = jax.jit(lambda p, x, ids: clip.apply({"params": p}, x, ids)[:2])
 
     def evaluate(ema):
-        """Top-1 retrieval among ``eval_count`` held-out scenes, both ways."""
+        """Top-1 retrieval among ``eval.count`` held-out scenes, both ways."""
         image_embeds, text_embeds = encode(ema, held_out["pixel_values"], held_out["input_ids"])
         return retrieval_top1(np.asarray(image_embeds), np.asarray(text_embeds))
 
@@ -350,6 +352,7 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
     from ip2p_jax.tokenizer import span_token_weights, tokenize
     from ip2p_jax.training.objective import training_objective
     from ip2p_jax.training.text_to_image import TextToImageStepSettings, text_to_image_step
+    from ip2p_jax.visualisation import grid
     from ip2p_jax.weights import load_stack
     from ip2p_jax.weights.export import ip2p_scheduler_config
 
@@ -363,7 +366,7 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
     unet, vae, text, tokenizer = stack.unet, stack.vae, stack.text_encoder, stack.tokenizer
     params, vae_params, text_params = stack.params["unet"], stack.params["vae"], stack.params["text_encoder"]
     tx = optimizer(config)
-    objective, betas = training_objective(config, model)  # optional settings: older configs train as before
+    objective, betas = training_objective(config.objective, model)
     alphas_cumprod = SchedulerConfig(**betas).alphas_cumprod()
     settings = TextToImageStepSettings(
         unet=training_unet(config, unet),
@@ -371,13 +374,13 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
         text_encoder=text,
         tx=tx,
         alphas_cumprod=tuple(alphas_cumprod.tolist()),
-        caption_dropout=config.caption_dropout,
+        caption_dropout=config.objective.caption_dropout,
         token_weight=config.grounding.token_weight,
         pixel_weight=config.grounding.pixel_weight,
         grounding_sizes=tuple(tuple(size) for size in config.grounding.sizes),
-        ema_max_decay=config.ema_decay,
-        accumulation=config.accumulation,
-        learning_rate=config.learning_rate,
+        ema_max_decay=config.ema.decay,
+        accumulation=config.optim.accumulation,
+        learning_rate=config.optim.learning_rate,
         objective=objective,
     )
     encode_text = jax.jit(lambda ids: text.apply({"params": text_params}, ids))
@@ -396,11 +399,11 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
 
     unet_apply = lambda p, *a: unet.apply({"params": p}, *a)  # noqa: E731
     scale = vae.config.scaling_factor
-    latent_size = config.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_size = config.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     scheduler = Scheduler.from_config(ip2p_scheduler_config(**betas, prediction_type=objective.prediction_type))
     sampler = make_text_to_image_sampler(
         unet_apply,
-        TextToImageSettings(scheduler, config.sample_steps, (latent_size, latent_size), unet.config.in_channels),
+        TextToImageSettings(scheduler, config.sample.steps, (latent_size, latent_size), unet.config.in_channels),
         parallel.data_mesh(jax.local_devices()[:1]),
     )
     decode = jax.jit(lambda z: vae.apply({"params": vae_params}, z / scale, method="decode"))
@@ -413,17 +416,16 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
             context=context,
             null_context=jnp.broadcast_to(null_context, context.shape),
             keys=jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.seed), i))(jnp.arange(count)),
-            guidance_scale=jnp.full((count,), config.sample_guidance_scale, jnp.float32),
+            guidance_scale=jnp.full((count,), config.sample.guidance_scale, jnp.float32),
         )
         generated = postprocess(decode(sampler(ema, inputs)))
-        grid = np.concatenate([postprocess(rows["image"]), generated], axis=2)
-        return to_pil(np.concatenate(list(grid), axis=0))
+        return grid([[to_pil(x), to_pil(y)] for x, y in zip(postprocess(rows["image"]), generated, strict=True)])
 
-    held_out = batch(next(captioned_scenes.batches(config.seed, config.eval_count, stream="eval")))
+    held_out = batch(next(captioned_scenes.batches(config.seed, config.eval.count, stream="eval")))
     mean, _ = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method="encode"))(held_out["image"])
     held_latents = scale * mean
     held_context = encode_text(jnp.asarray(held_out["input_ids"]))
-    map_size = tuple(config.eval_map_size)
+    map_size = tuple(config.eval.map_size)
     maps_at = jax.jit(
         lambda p, noise, t, a: noised_maps(unet_apply, p, held_latents, noise, t, a, held_context, map_size),
         static_argnums=2,  # the timestep: one compile per measured timestep
@@ -433,7 +435,7 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
     def evaluate(ema):
         """Word localisation on held-out scenes: FoI's mask IoU and inside / mean, shape words and "background"."""
         measured = {}
-        for t in config.eval_timesteps:
+        for t in config.eval.timesteps:
             noise = jax.random.normal(jax.random.key(t), held_latents.shape)
             maps = np.asarray(maps_at(ema, noise, int(t), float(alphas_cumprod[t])))
             found = localisation(
@@ -441,8 +443,8 @@ def text_to_image_task(config, workdir: Path, main_process: bool) -> Task:
                 held_out["token_weights"],
                 held_out["word_masks"],
                 held_out["word_valid"],
-                gamma=config.eval_gamma,
-                tau=config.eval_tau,
+                gamma=config.eval.gamma,
+                tau=config.eval.tau,
             )
             for name, words in (("shape", shape_words), ("background", ~shape_words)):
                 measured[f"{name}_iou_t{t}"] = float(np.nanmean(found["iou"][:, words]))
@@ -479,9 +481,9 @@ def main(argv) -> None:
     parallel.maybe_initialize_distributed()
     main_process = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
-    if config.global_batch_size % config.accumulation:
-        sys.exit("train.py: global_batch_size must divide by accumulation")
-    micro_batch = config.global_batch_size // config.accumulation
+    if config.data.global_batch_size % config.optim.accumulation:
+        sys.exit("train.py: data.global_batch_size must divide by optim.accumulation")
+    micro_batch = config.data.global_batch_size // config.optim.accumulation
     if micro_batch % jax.process_count():
         sys.exit(f"train.py: the batch of {micro_batch} does not split over {jax.process_count()} processes")
     mesh = parallel.train_mesh(fsdp=config.fsdp)
@@ -500,7 +502,7 @@ def main(argv) -> None:
     state = jax.jit(create, out_shardings=state_sharding)(task.params)
     frozen = jax.device_put(task.frozen, replicated)
 
-    manager = checkpoint.checkpoint_manager(workdir / "checkpoints", keep=config.keep_checkpoints)
+    manager = checkpoint.checkpoint_manager(workdir / "checkpoints", keep=config.checkpoint.keep)
     latest = manager.latest_step()
     if latest is None and _RESUME.value:
         sys.exit(f"train.py: --resume but no checkpoint in {workdir / 'checkpoints'}")
@@ -529,7 +531,7 @@ def main(argv) -> None:
         writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
     start_step = int(jax.device_get(state.step))
     preemption = PreemptionWatch()  # before the progress bar: a notice from then on is caught
-    total = config.steps * config.accumulation
+    total = config.steps * config.optim.accumulation
     bar = tqdm(total=total, initial=start_step, desc=f"training ({config.task})", disable=not main_process)
     started, images = time.perf_counter(), 0
     stream = input_pipeline.batches_from_config(config, builder, micro_batch, start_step)
@@ -537,7 +539,7 @@ def main(argv) -> None:
     for step in range(start_step, total):
         rows = next(stream)
         if sample_rows is None:
-            sample_rows = {k: v[: config.sample_count] for k, v in rows.items()}
+            sample_rows = {k: v[: config.sample.count] for k, v in rows.items()}
         local = task.batch(rows)
         batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
         state, metrics = step_fn(state, batch, key, frozen)
@@ -558,7 +560,7 @@ def main(argv) -> None:
                 with writer.as_default(step=step + 1):
                     for name, value in metrics.items():
                         tf.summary.scalar(name, value)
-        if config.sample_every and (step + 1) % config.sample_every == 0:
+        if config.sample.every and (step + 1) % config.sample.every == 0:
             ema = multihost_utils.process_allgather(state.ema_params, tiled=True)  # every process takes part
             if main_process and task.samples is not None:
                 grid = task.samples(ema, sample_rows)
@@ -577,7 +579,7 @@ def main(argv) -> None:
                         tf.summary.scalar(f"eval/{name}", value)
         bar.update(1)
         preempted = preemption.reached(step + 1)
-        if preempted or (step + 1) % config.save_every == 0 or step + 1 == total:
+        if preempted or (step + 1) % config.checkpoint.every == 0 or step + 1 == total:
             checkpoint.save(manager, state, {"data_position": step + 1, "config": config.to_dict()}, force=preempted)
         if preempted:
             manager.wait_until_finished()
@@ -598,7 +600,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as error:  # ml_collections' "no such field", raised while parsing
-        sys.exit(f"train.py: the config has no setting {str(error).strip(chr(34))} (an unknown --config.* override)")
+        from ip2p_jax.script_config import unknown_setting
+
+        sys.exit(f"train.py: {unknown_setting(error)}")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ encoder of the lineage's text-to-image and InstructPix2Pix models; the whole CLI
 import ml_collections
 
 from ip2p_jax.data.shapes import WORDS
+from ip2p_jax.training.config import training_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.task = "clip"
-    config.model = "new"
+    config = training_config("clip")
     config.new_model = dict(
         clip=dict(
             text=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
@@ -30,23 +29,12 @@ def get_config() -> ml_collections.ConfigDict:
             words=list(WORDS),
         )
     )
-    config.data = "shapes_captions"
-    config.resolution = 64
-    config.global_batch_size = 128
-    config.accumulation = 1
     config.steps = 2000
-    config.learning_rate = 5e-4
-    config.weight_decay = 0.1
-    config.max_grad_norm = 1.0
-    config.ema_decay = 0.999
-    config.fsdp = 1
-    config.seed = 0
-    config.log_every = 50
-    config.save_every = 500
-    config.keep_checkpoints = 2
-    config.sample_every = 250  # held-out retrieval of the EMA weights (0: never)
-    config.sample_count = 0
-    config.eval_count = 100  # held-out scenes for retrieval
-    config.dtype = "float32"
+    config.data = dict(name="shapes_captions", resolution=64, global_batch_size=128)
+    config.optim.learning_rate = 5e-4
+    config.optim.weight_decay = 0.1
+    config.ema.decay = 0.999
+    config.sample = dict(every=250, count=0)  # held-out retrieval of the EMA weights every `every` steps (0: never)
+    config.eval = dict(count=100)  # held-out scenes for retrieval
     config.lock()
     return config

@@ -13,54 +13,30 @@ That is stage 3b. The shipped folder (stage 3c) continues it for 2,500 steps wit
 SNR, the objective that fixed its weak high-noise denoising (docs/shapes.md):
 
     python train.py --config configs/shapes_ip2p.py --config.model=models/shapes-ip2p --config.init_from=ip2p \
-        --config.prediction_type=v_prediction --config.rescale_betas_zero_snr=True --config.steps=2500 \
-        --workdir runs/ip2p-cont-vz
+        --config.objective.prediction_type=v_prediction --config.objective.rescale_betas_zero_snr=True \
+        --config.steps=2500 --workdir runs/ip2p-cont-vz
 """
 
 import ml_collections
 
+from ip2p_jax.training.config import diffusion_objective, edit_data, training_config, unet_kernels
+
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.task = "ip2p"
-    config.model = "models/shapes-t2i"  # the lineage's text-to-image model
+    config = training_config("ip2p", model="models/shapes-t2i")  # the lineage's text-to-image model
     config.init_from = "sd"  # 4 -> 8 input channels
-    config.data = "shapes_edit"
-    config.data_dir = ""  # TFDS data_dir ("" = TFDS's default)
-    config.manual_dir = ""
-    config.split = "train"
-    config.resolution = 64  # the crop
-    config.resize_min = 64
-    config.resize_max = 72
-    config.flip_prob = 0.5
-    config.shuffle_buffer = 2000
-    config.global_batch_size = 32
-    config.accumulation = 1
     config.steps = 3000  # 65 min here (about 1.3 s a step alone, docs/shapes.md stage 3b)
-    config.learning_rate = 2e-4
-    config.weight_decay = 1e-2
-    config.max_grad_norm = 1.0
-    config.ema_decay = 0.9999
-    config.conditioning_dropout = 0.05
-    config.prediction_type = ""  # "" = the model's own (its scheduler config), or "epsilon" / "v_prediction"
-    config.rescale_betas_zero_snr = False  # True: zero terminal SNR (Lin et al. 2024); exports trailing spacing
-    config.snr_gamma = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in the paper); 0 = off
-    config.noise_offset = 0.0  # offset noise scale (e.g. 0.05); 0 = off
-    config.fsdp = 1
-    config.seed = 0
-    config.log_every = 50
-    config.save_every = 500
-    config.keep_checkpoints = 2
-    config.sample_every = 1000  # sample edits of the first batch's images with the EMA UNet (0: never)
-    config.sample_count = 6
-    config.sample_steps = 50
-    config.eval_count = 64  # fresh training-distribution edits for the keyword's localisation (0: never)
-    config.eval_timesteps = (500, 800)  # 800: about where FoI's mask step sits at strength 0.8
-    config.eval_map_size = (16, 16)
-    config.eval_gamma = 1  # the text-to-image stage's measured best (docs/shapes.md)
-    config.eval_tau = 0.2
-    config.dtype = "float32"
-    config.remat = "none"  # rematerialised blocks in the train step: "transformer", "resnet_and_transformer"
-    config.attention_backend = "auto"  # the UNet's attention kernel (models/attention_kernels.py)
+    config.data = edit_data("shapes_edit", resolution=64, resize_max=72, global_batch_size=32)
+    config.optim.learning_rate = 2e-4
+    config.objective = diffusion_objective(conditioning_dropout=0.05)
+    config.sample = dict(every=1000, count=6, steps=50)  # edits of the first batch's images by the EMA UNet
+    config.eval = dict(
+        count=64,  # fresh training-distribution edits for the keyword's localisation (0: never)
+        timesteps=(500, 800),  # 800: about where FoI's mask step sits at strength 0.8
+        map_size=(16, 16),
+        gamma=1,  # FoI's mask extraction (FoIConfig.gamma, tau): the text-to-image stage's measured best
+        tau=0.2,
+    )
+    unet_kernels(config)
     config.lock()
     return config

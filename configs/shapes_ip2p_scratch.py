@@ -12,12 +12,11 @@ here), over a tokenizer that knows ShapesEdit's words.
 import ml_collections
 
 from ip2p_jax.data.shapes import WORDS
+from ip2p_jax.training.config import diffusion_objective, edit_data, training_config, unet_kernels
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.task = "ip2p"
-    config.model = "new"
+    config = training_config("ip2p")
     config.new_model = dict(
         unet=dict(
             in_channels=8,
@@ -36,33 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
         words=list(WORDS),
     )
     config.init_from = "ip2p"
-    config.data = "shapes_edit"
-    config.data_dir = ""  # TFDS data_dir ("" = TFDS's default)
-    config.manual_dir = ""
-    config.split = "train"
-    config.resolution = 64  # the crop
-    config.resize_min = 64
-    config.resize_max = 72
-    config.flip_prob = 0.5
-    config.shuffle_buffer = 2000
-    config.global_batch_size = 32
-    config.accumulation = 1
     config.steps = 5000
-    config.learning_rate = 3e-4
-    config.weight_decay = 1e-2
-    config.max_grad_norm = 1.0
-    config.ema_decay = 0.9999
-    config.conditioning_dropout = 0.05
-    config.fsdp = 1
-    config.seed = 0
-    config.log_every = 50
-    config.save_every = 500
-    config.keep_checkpoints = 2
-    config.sample_every = 1000  # sample edits of the first batch's images with the EMA UNet (0: never)
-    config.sample_count = 6
-    config.sample_steps = 50
-    config.dtype = "float32"
-    config.remat = "none"  # rematerialised blocks in the train step: "transformer", "resnet_and_transformer"
-    config.attention_backend = "auto"  # the UNet's attention kernel (models/attention_kernels.py)
+    config.data = edit_data("shapes_edit", resolution=64, resize_max=72, global_batch_size=32)
+    config.optim.learning_rate = 3e-4
+    config.objective = diffusion_objective(conditioning_dropout=0.05)
+    config.sample = dict(every=1000, count=6, steps=50)  # edits of the first batch's images by the EMA UNet
+    unet_kernels(config)
     config.lock()
     return config

@@ -9,17 +9,17 @@ of the lineage's CLIP (``configs/shapes_clip.py``), with 10 % caption dropout an
 ``--config.grounding.token_weight=0 --config.grounding.pixel_weight=0`` trains without grounding. The shipped folder
 continues that run on varied captions (docs/shapes.md, stage 2b):
 
-    python train.py --config configs/shapes_t2i.py --config.model=models/shapes-t2i --config.caption_style=varied \
+    python train.py --config configs/shapes_t2i.py --config.model=models/shapes-t2i --config.data.caption_style=varied \
         --config.steps=1000 --workdir runs/shapes-t2i-varied
 """
 
 import ml_collections
 
+from ip2p_jax.training.config import diffusion_objective, training_config, unet_kernels
+
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.task = "text_to_image"
-    config.model = "new"
+    config = training_config("text_to_image")
     # Tuples rather than lists, so that the command line can override them.
     config.new_model = dict(
         unet=dict(
@@ -37,34 +37,21 @@ def get_config() -> ml_collections.ConfigDict:
         vae="models/shapes-ip2p/vae",  # the shipped autoencoder (64 x 64 -> 16 x 16 x 4)
         text_encoder="models/shapes-clip",  # a CLIP folder: its text tower and tokenizer
     )
-    config.data = "shapes_captions"
-    config.caption_style = "full"  # or "varied" (ip2p_jax/data/captioned_scenes.py)
-    config.resolution = 64
-    config.caption_dropout = 0.1
-    config.grounding = dict(token_weight=1.0, pixel_weight=1.0, sizes=((16, 16), (8, 8)))
-    config.global_batch_size = 32
-    config.accumulation = 1
     config.steps = 4000
-    config.learning_rate = 3e-4
-    config.weight_decay = 1e-2
-    config.max_grad_norm = 1.0
-    config.ema_decay = 0.9999
-    config.fsdp = 1
-    config.seed = 0
-    config.log_every = 50
-    config.save_every = 500
-    config.keep_checkpoints = 2
-    config.sample_every = 500  # generated pictures and held-out word localisation of the EMA UNet (0: never)
-    config.sample_count = 6
-    config.sample_steps = 50
-    config.sample_guidance_scale = 5.0
-    config.eval_count = 64  # held-out scenes for word localisation
-    config.eval_timesteps = (300, 500, 700)
-    config.eval_map_size = (16, 16)
-    config.eval_gamma = 3  # FoI's mask extraction as models/shapes-ip2p/foi_config.json sets it
-    config.eval_tau = 0.5
-    config.dtype = "float32"
-    config.remat = "none"  # rematerialised blocks in the train step: "transformer", "resnet_and_transformer"
-    config.attention_backend = "auto"  # the UNet's attention kernel (models/attention_kernels.py)
+    # caption_style: "full" or "varied" (ip2p_jax/data/captioned_scenes.py)
+    config.data = dict(name="shapes_captions", caption_style="full", resolution=64, global_batch_size=32)
+    config.optim.learning_rate = 3e-4
+    config.objective = diffusion_objective(caption_dropout=0.1)
+    config.grounding = dict(token_weight=1.0, pixel_weight=1.0, sizes=((16, 16), (8, 8)))
+    # generated pictures and held-out word localisation of the EMA UNet every `every` steps (0: never)
+    config.sample = dict(every=500, count=6, steps=50, guidance_scale=5.0)
+    config.eval = dict(
+        count=64,  # held-out scenes for word localisation
+        timesteps=(300, 500, 700),
+        map_size=(16, 16),
+        gamma=3,  # FoI's mask extraction (FoIConfig.gamma, tau) as models/shapes-ip2p/foi_config.json sets it
+        tau=0.5,
+    )
+    unet_kernels(config)
     config.lock()
     return config

@@ -8,11 +8,11 @@ training pairs.
 
 import ml_collections
 
+from ip2p_jax.training.config import edit_data, training_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.task = "autoencoder"
-    config.model = "new"
+    config = training_config("autoencoder")
     config.new_model = dict(
         vae=dict(
             block_out_channels=[16, 32, 64],
@@ -24,30 +24,13 @@ def get_config() -> ml_collections.ConfigDict:
             sample_size=64,
         )
     )
-    config.kl_weight = 1e-5  # against the mean L1 error (Stable Diffusion's autoencoder: 1e-6 against a sum)
-    config.data = "shapes_edit"
-    config.data_dir = ""  # TFDS data_dir ("" = TFDS's default)
-    config.manual_dir = ""
-    config.split = "train"
-    config.resolution = 64  # no resizing or cropping: the autoencoder sees the pictures as they are
-    config.resize_min = 64
-    config.resize_max = 64
-    config.flip_prob = 0.5
-    config.shuffle_buffer = 2000
-    config.global_batch_size = 12  # pairs: 24 pictures a step
-    config.accumulation = 1
     config.steps = 4500
-    config.learning_rate = 4e-4
-    config.weight_decay = 0.0
-    config.max_grad_norm = 1.0
-    config.ema_decay = 0.999
-    config.fsdp = 1
-    config.seed = 0
-    config.log_every = 50
-    config.save_every = 500
-    config.keep_checkpoints = 2
-    config.sample_every = 500  # reconstructions of the first batch's input pictures (0: never)
-    config.sample_count = 8
-    config.dtype = "float32"
+    # No resizing or cropping: the autoencoder sees the pictures as they are. Pairs: 24 pictures a step.
+    config.data = edit_data("shapes_edit", resolution=64, resize_max=64, global_batch_size=12)
+    config.optim.learning_rate = 4e-4
+    config.optim.weight_decay = 0.0
+    config.ema.decay = 0.999
+    config.objective = dict(kl_weight=1e-5)  # against the mean L1 error (Stable Diffusion's: 1e-6 against a sum)
+    config.sample = dict(every=500, count=8)  # reconstructions of the first batch's input pictures (0: never)
     config.lock()
     return config

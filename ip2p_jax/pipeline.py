@@ -107,6 +107,59 @@ def _with_attention_backend(attention_backend: str):
     return lambda unet, params: (unet.clone(attention_backend=attention_backend), params)
 
 
+@dataclasses.dataclass
+class _EditCall:
+    """One call's options once checked and settled (``InstructPix2PixPipeline._settle``), the same for each of its
+    size groups.
+
+    Attributes:
+      settings: the sampler's static settings (scheduler, steps, strength, whether the three branches run).
+      guidance_scale, image_guidance_scale: the call's scales, one for all its images.
+      guidance_rescale: the rescale's ``phi`` where it runs (above 0, with the three branches), else ``None``.
+      latents: ``latents=``, the ``(B, h, w, 4)`` start noise, or ``None``.
+      seed: image ``i`` of the call draws from ``fold_in(key(seed), i)``.
+      foi: FoI's settings; ``None`` for IP2P.
+      attention: IP2P's ``attention=``, or ``None``.
+      progress, output_type: as given.
+    """
+
+    settings: SamplerSettings
+    guidance_scale: float
+    image_guidance_scale: float
+    guidance_rescale: float | None
+    latents: np.ndarray | None
+    seed: int
+    foi: FoIConfig | None
+    attention: AttentionRecording | None
+    progress: bool
+    output_type: str
+
+
+@dataclasses.dataclass
+class _SizeGroup:
+    """The ``n`` images of a call that share one size, edited as one batch.
+
+    Attributes:
+      indices: the images' positions in the call: where their results go, and the ``i`` of their keys.
+      pixels: ``(n, H, W, 3)`` float32 in [-1, 1] (``preprocess``).
+      prompts: IP2P: the images' instructions; ``None`` for FoI.
+      tokens: FoI: each image's ``foi.InstructionTokens`` (composite prompt ids, token owners, keyword weights, in
+        the call's ``K`` sub-instruction slots); ``None`` for IP2P.
+      counts: FoI: each image's number of sub-instructions, ``k <= K``; ``None`` for IP2P.
+    """
+
+    indices: list[int]
+    pixels: np.ndarray
+    prompts: list[str] | None
+    tokens: list[foi_lib.InstructionTokens] | None
+    counts: list[int] | None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)``, the images' size in pixels."""
+        return self.pixels.shape[1:3]
+
+
 class InstructPix2PixPipeline:
     """InstructPix2Pix editing with Flax models, jitted and sharded over the devices of ``mesh``.
 
@@ -289,24 +342,55 @@ class InstructPix2PixPipeline:
             layers and steps it names; a level without cross-attention layers is a ``ValueError``. FoI returns each
             keyword's map with its mask instead.
         """
-        images = [image] if isinstance(image, Image.Image | np.ndarray) and np.ndim(image) != 4 else list(image)
-        if (instructions is None) == (prompt is None):
-            raise ValueError("give either prompt= (IP2P) or instructions= (FoI)")
-        if instructions is not None:
-            per_image = _instruction_lists(instructions)
-            foi = FoIConfig() if foi is None else foi
-            prompts = [foi_lib.composite_prompt(subs)[0] for subs in per_image]
-        else:
-            if foi is not None:
-                raise ValueError("foi= needs instructions= (a list of sub-instructions per image)")
-            prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
-            per_image = None
-        if len(prompts) == 1 and len(images) > 1:
-            prompts, per_image = prompts * len(images), None if per_image is None else per_image * len(images)
-        if len(images) == 1 and len(prompts) > 1:
-            images = images * len(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} instructions")
+        images, prompts, per_image, foi = _images_and_instructions(image, prompt, instructions, foi)
+        call = self._settle(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+            scheduler=scheduler,
+            seed=seed,
+            latents=latents,
+            strength=strength,
+            output_type=output_type,
+            progress=progress,
+            foi=foi,
+            guidance_rescale=guidance_rescale,
+            attention=attention,
+        )
+        groups = self._group_by_size(images, prompts, per_image, call)
+        if call.foi is not None:
+            self._check_foi(call.foi, call.settings, [group.size for group in groups])
+        # Everything that can be wrong with a call has been found by now, before anything is encoded or compiled.
+        null_context = self.encode_prompt([""])
+        pictures, extras = [None] * len(images), [None] * len(images)
+        for group in groups:
+            image_latents, context = self._encode(group)
+            inputs = self._sampler_inputs(call, group, image_latents, context, null_context)
+            edited_latents, group_extras = self._sample(call, group, inputs)
+            for i, picture, extra in zip(group.indices, self.decode_latents(edited_latents), group_extras, strict=True):
+                pictures[i], extras[i] = picture, extra
+        return _edit_output(call, pictures, extras)
+
+    def _settle(
+        self,
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+        image_guidance_scale: float,
+        scheduler: Scheduler | str | None,
+        seed: int,
+        latents: np.ndarray | None,
+        strength: float | None,
+        output_type: str,
+        progress: bool,
+        foi: FoIConfig | None,
+        guidance_rescale: float,
+        attention: AttentionRecording | None,
+    ) -> _EditCall:
+        """Checks a call's options (those of ``__call__``; ``foi`` as ``_images_and_instructions`` settled it)
+        against each other and the model, and settles them: the default strength (1, FoI's ``foi.strength``), the
+        scheduler, whether the three guidance branches and the guidance rescale run; ``steps_for_strength`` checks
+        the strength against the steps."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         if not 0.0 <= guidance_rescale <= 1.0:
@@ -325,75 +409,109 @@ class InstructPix2PixPipeline:
             dual_guidance=guidance_scale > 1.0 and image_guidance_scale >= 1.0,
             scaling_factor=self.vae.config.scaling_factor,
         )
-        rescale = guidance_rescale > 0.0 and settings.dual_guidance
-        # Everything that can be wrong with a call is found here, before anything is encoded or compiled.
         settings.scheduler.steps_for_strength(num_inference_steps, strength)
+        return _EditCall(
+            settings=settings,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+            guidance_rescale=guidance_rescale if guidance_rescale > 0.0 and settings.dual_guidance else None,
+            latents=latents,
+            seed=seed,
+            foi=foi,
+            attention=attention,
+            progress=progress,
+            output_type=output_type,
+        )
+
+    def _group_by_size(
+        self,
+        images: list[ImageLike],
+        prompts: list[str],
+        per_image: list[list[foi_lib.SubInstruction]] | None,
+        call: _EditCall,
+    ) -> list[_SizeGroup]:
+        """The call's images as batches of one size, in order of each size's first image: FoI's sub-instructions
+        tokenised (``foi.instruction_tokens``, ``K`` slots for the call's most sub-instructions), each image
+        preprocessed to ``(H, W, 3)`` float32 in [-1, 1] (``preprocess``), and grouped by that shape. ``latents=``
+        with images of more than one size is a ``ValueError``."""
         tokens = None
         if per_image is not None:
             slots = max(len(subs) for subs in per_image)
             tokens = [foi_lib.instruction_tokens(self.tokenizer, subs, slots) for subs in per_image]
         pixels = [preprocess(im, self.vae_scale_factor) for im in images]
-        groups = defaultdict(list)
+        by_shape = defaultdict(list)
         for index, x in enumerate(pixels):
-            groups[x.shape].append(index)
-        if latents is not None and len(groups) > 1:
+            by_shape[x.shape].append(index)
+        if call.latents is not None and len(by_shape) > 1:
             raise ValueError("latents= needs all images to have one size")
-        if foi is not None:
-            self._check_foi(foi, settings, [shape[:2] for shape in groups])
-        null_context = self.encode_prompt([""])
-        base_key = jax.random.key(seed)
-        results: list[np.ndarray | None] = [None] * len(images)
-        masks: list[dict | None] = [None] * len(images)
-        token_maps: list[np.ndarray | None] = [None] * len(images)
-        for shape, indices in groups.items():
-            image_latents = self.encode_image(np.stack([pixels[i] for i in indices]))
-            if tokens is None:
-                context = self.encode_prompt([prompts[i] for i in indices])
-            else:
-                context = self._encode_ids(np.stack([tokens[i].ids for i in indices]))
-            n = len(indices)
-            fill = lambda x, n=n: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (n,))  # noqa: E731
-            inputs = SamplerInputs(
-                image_latents=image_latents,
-                context=context,
-                null_context=jnp.broadcast_to(null_context, context.shape),
-                keys=jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(indices)),
-                guidance_scale=fill(guidance_scale),
-                image_guidance_scale=fill(image_guidance_scale),
-                latents=None if latents is None else jnp.asarray(latents, jnp.float32),
-                guidance_rescale=fill(guidance_rescale) if rescale else None,
+        return [
+            _SizeGroup(
+                indices=indices,
+                pixels=np.stack([pixels[i] for i in indices]),
+                prompts=[prompts[i] for i in indices] if tokens is None else None,
+                tokens=None if tokens is None else [tokens[i] for i in indices],
+                counts=None if per_image is None else [len(per_image[i]) for i in indices],
             )
-            description = f"{'FoI' if foi else 'IP2P'}: {n} image(s) of {shape[1]}x{shape[0]}"
-            if tokens is None:
-                sampler = self.sampler(settings, progress, attention)
-                out = self._run(sampler, settings, (inputs,), n, progress, description)
-                if attention is not None:
-                    out, group_maps = out
-                    for i, m in zip(indices, np.asarray(group_maps), strict=True):
-                        token_maps[i] = m
-            else:
-                foi_inputs = FoIInputs(
-                    keyword_weights=jnp.stack([tokens[i].keyword_weights for i in indices]),
-                    owner=jnp.stack([tokens[i].owner for i in indices]),
-                    token_alpha=jnp.stack([tokens[i].token_alpha for i in indices]),
-                    valid=jnp.stack([tokens[i].valid for i in indices]),
-                )
-                sampler = self.foi_sampler(settings, foi, tuple(image_latents.shape[1:3]), progress)
-                out, group_masks, group_maps = self._run(
-                    sampler, settings, (inputs, foi_inputs), n, progress, description
-                )
-                for i, m, a in zip(indices, np.asarray(group_masks), np.asarray(group_maps), strict=True):
-                    k = len(per_image[i])
-                    full = foi_lib.resize_masks(jnp.asarray(m[None, :k]), shape[:2])[0]
-                    masks[i] = {"latent": m[:k], "image": np.asarray(full), "attention": a[:k]}
-            for i, picture in zip(indices, self.decode_latents(out), strict=True):
-                results[i] = picture
-        masks_out = None if tokens is None else masks
-        maps_out = None if attention is None else token_maps
-        if output_type == "pil":
-            return EditOutput([to_pil(x) for x in results], masks_out, maps_out)
-        same_size = len({x.shape for x in results}) == 1
-        return EditOutput(np.stack(results) if same_size else results, masks_out, maps_out)
+            for indices in by_shape.values()
+        ]
+
+    def _encode(self, group: _SizeGroup) -> tuple[jax.Array, jax.Array]:
+        """A group's conditioning: its images' unscaled latents ``(n, h, w, 4)`` (``encode_image``) and its
+        instructions' CLIP encodings ``(n, 77, D)`` (``encode_prompt``; FoI: the composite prompts' ids,
+        ``_encode_ids``)."""
+        image_latents = self.encode_image(group.pixels)
+        if group.tokens is None:
+            return image_latents, self.encode_prompt(group.prompts)
+        return image_latents, self._encode_ids(np.stack([t.ids for t in group.tokens]))
+
+    def _sampler_inputs(
+        self, call: _EditCall, group: _SizeGroup, image_latents: jax.Array, context: jax.Array, null_context: jax.Array
+    ) -> SamplerInputs:
+        """A group's ``SamplerInputs``, ``n`` images: ``image_latents`` ``(n, h, w, 4)``, ``context`` ``(n, 77, D)``
+        and the null text's ``(1, 77, D)`` encoding broadcast to it, each image's key ``fold_in(key(seed), i)`` for
+        its index ``i`` in the call, the guidance scales (and the rescale's ``phi`` when it runs) as ``(n,)``
+        float32, and ``latents=`` as float32."""
+        n = len(group.indices)
+        fill = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (n,))  # noqa: E731
+        base_key = jax.random.key(call.seed)
+        return SamplerInputs(
+            image_latents=image_latents,
+            context=context,
+            null_context=jnp.broadcast_to(null_context, context.shape),
+            keys=jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(group.indices)),
+            guidance_scale=fill(call.guidance_scale),
+            image_guidance_scale=fill(call.image_guidance_scale),
+            latents=None if call.latents is None else jnp.asarray(call.latents, jnp.float32),
+            guidance_rescale=None if call.guidance_rescale is None else fill(call.guidance_rescale),
+        )
+
+    def _sample(self, call: _EditCall, group: _SizeGroup, inputs: SamplerInputs) -> tuple[jax.Array, list]:
+        """Runs a group's sampler (``sampler`` for IP2P, ``foi_sampler`` with the group's ``foi.FoIInputs`` for FoI)
+        through ``_run``. Returns the edited latents ``(n, h, w, 4)``, scaled, and per image what the edit returns
+        besides its picture: FoI's masks (``_foi_masks``), IP2P's ``(mh, mw, T)`` token maps with ``attention=``,
+        else ``None``."""
+        n = len(group.indices)
+        height, width = group.size
+        description = f"{'FoI' if call.foi else 'IP2P'}: {n} image(s) of {width}x{height}"
+        if group.tokens is None:
+            sampler = self.sampler(call.settings, call.progress, call.attention)
+            out = self._run(sampler, call.settings, (inputs,), n, call.progress, description)
+            if call.attention is None:
+                return out, [None] * n
+            edited_latents, token_maps = out
+            return edited_latents, list(np.asarray(token_maps))
+        foi_inputs = FoIInputs(
+            keyword_weights=jnp.stack([t.keyword_weights for t in group.tokens]),
+            owner=jnp.stack([t.owner for t in group.tokens]),
+            token_alpha=jnp.stack([t.token_alpha for t in group.tokens]),
+            valid=jnp.stack([t.valid for t in group.tokens]),
+        )
+        sampler = self.foi_sampler(call.settings, call.foi, tuple(inputs.image_latents.shape[1:3]), call.progress)
+        edited_latents, masks, keyword_maps = self._run(
+            sampler, call.settings, (inputs, foi_inputs), n, call.progress, description
+        )
+        per_image = zip(np.asarray(masks), np.asarray(keyword_maps), group.counts, strict=True)
+        return edited_latents, [_foi_masks(m, a, k, group.size) for m, a, k in per_image]
 
     def foi_sampler(
         self, settings: SamplerSettings, foi: FoIConfig, latent_size: tuple[int, int], progress: bool = True
@@ -475,6 +593,53 @@ class InstructPix2PixPipeline:
             finally:
                 status.close()
         return self._compiled[key]
+
+
+def _images_and_instructions(
+    image, prompt, instructions, foi: FoIConfig | None
+) -> tuple[list[ImageLike], list[str], list[list[foi_lib.SubInstruction]] | None, FoIConfig | None]:
+    """A call's images, each paired with its instruction: ``prompt`` (IP2P) or ``instructions`` (FoI, with ``foi``
+    defaulting to ``FoIConfig()``); a single instruction is repeated over the images, a single image over the
+    instructions. Returns ``(images, prompts, per_image, foi)``: ``prompts`` one per image (FoI's: the composite
+    prompts), ``per_image`` FoI's sub-instructions per image (``None`` for IP2P)."""
+    images = [image] if isinstance(image, Image.Image | np.ndarray) and np.ndim(image) != 4 else list(image)
+    if (instructions is None) == (prompt is None):
+        raise ValueError("give either prompt= (IP2P) or instructions= (FoI)")
+    if instructions is not None:
+        per_image = _instruction_lists(instructions)
+        foi = FoIConfig() if foi is None else foi
+        prompts = [foi_lib.composite_prompt(subs)[0] for subs in per_image]
+    else:
+        if foi is not None:
+            raise ValueError("foi= needs instructions= (a list of sub-instructions per image)")
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        per_image = None
+    if len(prompts) == 1 and len(images) > 1:
+        prompts, per_image = prompts * len(images), None if per_image is None else per_image * len(images)
+    if len(images) == 1 and len(prompts) > 1:
+        images = images * len(prompts)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} instructions")
+    return images, prompts, per_image, foi
+
+
+def _foi_masks(latent_masks_khw: np.ndarray, keyword_maps_khw: np.ndarray, count: int, size: tuple[int, int]) -> dict:
+    """One image's ``EditOutput.masks`` entry from its FoI sampler outputs (``K`` slots, of which its ``count``
+    sub-instructions fill the first): ``"latent"`` ``(count, h/d, w/d)`` masks, ``"image"`` the same masks resized to
+    ``size`` ``(H, W)`` (``foi.resize_masks``), ``"attention"`` ``(count, h/d, w/d)`` keyword maps."""
+    full = foi_lib.resize_masks(jnp.asarray(latent_masks_khw[None, :count]), size)[0]
+    return {"latent": latent_masks_khw[:count], "image": np.asarray(full), "attention": keyword_maps_khw[:count]}
+
+
+def _edit_output(call: _EditCall, pictures: list[np.ndarray], extras: list) -> EditOutput:
+    """The call's ``EditOutput``: its ``(H, W, 3)`` [0, 1] pictures in input order (PIL, or float32 arrays stacked
+    when all have one size), and the per-image ``extras`` of ``_sample`` as FoI's masks or IP2P's token maps."""
+    masks = None if call.foi is None else extras
+    token_maps = None if call.attention is None else extras
+    if call.output_type == "pil":
+        return EditOutput([to_pil(x) for x in pictures], masks, token_maps)
+    same_size = len({x.shape for x in pictures}) == 1
+    return EditOutput(np.stack(pictures) if same_size else pictures, masks, token_maps)
 
 
 def _instruction_lists(instructions) -> list[list[foi_lib.SubInstruction]]:

@@ -31,6 +31,16 @@ def sampling_settings(**extra) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(steps=100, guidance_scale=7.5, image_guidance_scale=1.5, seed=0, **extra))
 
 
+def unknown_setting(error: AttributeError | KeyError) -> str:
+    """ml_collections' "no such field" error, raised while ``--config.*`` overrides are parsed
+    (``KeyError("'x'\\nDid you mean ...")``, or an ``AttributeError`` around one), as one line that names the setting
+    and, where one is close, the setting meant."""
+    detail = error.args[0] if error.args else ""
+    detail = detail.args[0] if isinstance(detail, KeyError) and detail.args else detail
+    name, _, hint = str(detail).partition("\n")
+    return f"the config has no setting {name} (an unknown --config.* override)" + (f"; {hint}" if hint else "")
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """The locked config of ``path`` (``FILE.py`` or ``FILE.py:VARIANT``, its ``get_config``) with ``overrides``
     (``--config.GROUP.NAME=VALUE`` arguments, parsed by ml_collections as train.py's are: a value takes the
@@ -51,9 +61,6 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
         values(argv)
     except flags.IllegalFlagValueError as error:  # a value of the wrong type, or a file that does not load
         raise ConfigError(str(error).split("\n")[0]) from None
-    except (AttributeError, KeyError) as error:  # ml_collections' "no such field": KeyError("'x'\nDid you mean ...")
-        detail = error.args[0] if error.args else ""
-        detail = detail.args[0] if isinstance(detail, KeyError) and detail.args else detail  # AttributeError(KeyError)
-        name, _, hint = str(detail).partition("\n")
-        raise ConfigError(f"the config {path} has no setting {name} (an unknown --config.* override). {hint}") from None
+    except (AttributeError, KeyError) as error:  # ml_collections' "no such field"
+        raise ConfigError(f"{path}: {unknown_setting(error)}") from None
     return values.config

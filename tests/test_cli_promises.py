@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--config", "configs/tiny.py", "--config.global_batch_size=2", "--config.log_every=1"]
+TINY = ["--config", "configs/tiny.py", "--config.data.global_batch_size=2", "--config.log_every=1"]
 
 
 def _run(argv: list) -> subprocess.CompletedProcess:
@@ -56,10 +56,10 @@ def test_stopped_and_preempted_runs_continued_by_the_cli_end_as_a_straight_run(t
     the last two, and (b) a run sent SIGTERM during its first step, which saves at the next step boundary and exits
     0, then the same command relaunched with no flag: the same raw and EMA weights. The straight run saves every
     step and keeps two checkpoints; ``--noresume`` refuses a work folder with a checkpoint."""
-    four = ("--config.steps=4", "--config.save_every=2")
-    _train(tmp_path / "straight", "--config.steps=4", "--config.save_every=1", "--config.keep_checkpoints=2")
+    four = ("--config.steps=4", "--config.checkpoint.every=2")
+    _train(tmp_path / "straight", "--config.steps=4", "--config.checkpoint.every=1", "--config.checkpoint.keep=2")
     assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "4"]
-    _train(tmp_path / "stopped", "--config.steps=2", "--config.save_every=2")
+    _train(tmp_path / "stopped", "--config.steps=2", "--config.checkpoint.every=2")
     resumed = _train(tmp_path / "stopped", *four, "--resume")
     assert "resumed at step 2 (data position 2)" in resumed.stderr and "done: step 4" in resumed.stderr
 
@@ -90,7 +90,7 @@ def test_stopped_and_preempted_runs_continued_by_the_cli_end_as_a_straight_run(t
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     """A learning rate of 1e38 makes every weight overflow at the first update, so step 2's loss is not finite."""
-    run = _run(["train.py", *TINY, "--workdir", tmp_path, "--config.steps=5", "--config.learning_rate=1e38"])
+    run = _run(["train.py", *TINY, "--workdir", tmp_path, "--config.steps=5", "--config.optim.learning_rate=1e38"])
     assert run.returncode != 0
     assert "train.py: the loss is nan at step 2; stopping" in run.stderr or "loss is inf at step 2" in run.stderr, (
         run.stderr[-2000:]

@@ -426,7 +426,7 @@ def test_the_loop_on_tiny_models_triples_to_pairs_to_training(tmp_path):
     run("generate_data.py", *generation)
     judged = run("tools/judge_generated_pairs.py", "judge", "--data", data, "--triples", triples)
     assert "all: 16 pairs (8 triples)" in judged.stdout and "kept: 16 pairs (8 triples)" in judged.stdout
-    training = ["--config", "configs/tiny.py", "--config.data=ip2p_original", f"--config.manual_dir={data}"]
-    training += [f"--config.data_dir={tmp_path / 'tfds'}", "--config.steps=2", "--config.global_batch_size=2"]
+    training = ["--config", "configs/tiny.py", "--config.data.name=ip2p_original", f"--config.data.manual_dir={data}"]
+    training += [f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.steps=2", "--config.data.global_batch_size=2"]
     trained = run("train.py", *training, "--config.log_every=1", "--workdir", tmp_path / "run")
     assert "done: step 2, last loss" in trained.stderr

@@ -172,8 +172,15 @@ def test_clip_and_text_to_image_train_export_and_load(tmp_path):
     from ip2p_jax.weights import load_clip, load_tokenizer
 
     clip_run = ["train.py", "--config", "configs/shapes_clip.py", "--workdir", tmp_path / "clip", *TINY_CLIP]
-    small = ["--config.steps=6", "--config.global_batch_size=16", "--config.log_every=1", "--config.save_every=6"]
-    run = _run([*clip_run, *small, "--config.sample_every=6", "--config.eval_count=8", "--config.learning_rate=3e-3"])
+    small = [
+        "--config.steps=6",
+        "--config.data.global_batch_size=16",
+        "--config.log_every=1",
+        "--config.checkpoint.every=6",
+    ]
+    run = _run(
+        [*clip_run, *small, "--config.sample.every=6", "--config.eval.count=8", "--config.optim.learning_rate=3e-3"]
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "caption_to_image" in run.stderr
     export = _run(["export.py", "--workdir", tmp_path / "clip", "--out", tmp_path / "clip-model"])
@@ -205,13 +212,13 @@ def test_clip_and_text_to_image_train_export_and_load(tmp_path):
         f"--config.new_model.text_encoder={tmp_path / 'clip-model'}",
     ]
     evaluation = [
-        "--config.sample_every=2",
-        "--config.sample_count=2",
-        "--config.sample_steps=2",
-        "--config.eval_count=4",
-        "--config.eval_timesteps=(500,)",
+        "--config.sample.every=2",
+        "--config.sample.count=2",
+        "--config.sample.steps=2",
+        "--config.eval.count=4",
+        "--config.eval.timesteps=(500,)",
     ]
-    run = _run([*t2i, *tiny_unet, *evaluation, "--config.steps=2", "--config.global_batch_size=2"])
+    run = _run([*t2i, *tiny_unet, *evaluation, "--config.steps=2", "--config.data.global_batch_size=2"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "shape_iou_t500" in run.stderr and "background_iou_t500" in run.stderr
     export = _run(["export.py", "--workdir", tmp_path / "t2i", "--out", tmp_path / "t2i-model"])
@@ -221,15 +228,15 @@ def test_clip_and_text_to_image_train_export_and_load(tmp_path):
 
     # InstructPix2Pix from it (4 -> 8 channels), measuring the keyword's localisation on the way.
     ip2p = ["train.py", "--config", "configs/shapes_ip2p.py", "--workdir", tmp_path / "ip2p"]
-    data = ["--config.data=shapes_edit/small", f"--config.data_dir={tmp_path / 'tfds'}"]
+    data = ["--config.data.name=shapes_edit/small", f"--config.data.data_dir={tmp_path / 'tfds'}"]
     evaluation = [
-        "--config.sample_every=2",
-        "--config.sample_count=2",
-        "--config.sample_steps=2",
-        "--config.eval_count=4",
-        "--config.eval_timesteps=(800,)",
+        "--config.sample.every=2",
+        "--config.sample.count=2",
+        "--config.sample.steps=2",
+        "--config.eval.count=4",
+        "--config.eval.timesteps=(800,)",
     ]
-    model = [f"--config.model={tmp_path / 't2i-model'}", "--config.steps=2", "--config.global_batch_size=2"]
+    model = [f"--config.model={tmp_path / 't2i-model'}", "--config.steps=2", "--config.data.global_batch_size=2"]
     run = _run([*ip2p, *data, *evaluation, *model])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "keyword_iou_t800" in run.stderr

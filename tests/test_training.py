@@ -368,8 +368,13 @@ def _run(argv: list, **kwargs) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_train_py_runs_saves_samples_and_resumes(tmp_path):
     command = ["train.py", "--config", "configs/tiny.py", "--workdir", tmp_path]
-    small = ["--config.steps=2", "--config.save_every=1", "--config.log_every=1", "--config.global_batch_size=2"]
-    samples = ["--config.sample_every=2", "--config.sample_count=2", "--config.sample_steps=2"]
+    small = [
+        "--config.steps=2",
+        "--config.checkpoint.every=1",
+        "--config.log_every=1",
+        "--config.data.global_batch_size=2",
+    ]
+    samples = ["--config.sample.every=2", "--config.sample.count=2", "--config.sample.steps=2"]
     first = _run(command + small + samples)
     assert first.returncode == 0, first.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
@@ -395,12 +400,12 @@ def test_a_v_prediction_run_exports_a_folder_that_diffusers_edits_as_we_do(tmp_p
     from ip2p_jax.pipeline import InstructPix2PixPipeline
 
     objective = [
-        "--config.prediction_type=v_prediction",
-        "--config.rescale_betas_zero_snr=True",
-        "--config.snr_gamma=5",
-        "--config.noise_offset=0.05",
+        "--config.objective.prediction_type=v_prediction",
+        "--config.objective.rescale_betas_zero_snr=True",
+        "--config.objective.snr_gamma=5",
+        "--config.objective.noise_offset=0.05",
     ]
-    small = ["--config.steps=3", "--config.global_batch_size=4", "--config.save_every=3"]
+    small = ["--config.steps=3", "--config.data.global_batch_size=4", "--config.checkpoint.every=3"]
     run = _run(["train.py", "--config", "configs/tiny.py", "--workdir", tmp_path / "run", *objective, *small])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done: step 3" in run.stderr
@@ -441,8 +446,13 @@ def test_train_py_trains_an_autoencoder_on_shapes_and_exports_it(tmp_path):
 
     from ip2p_jax.weights import load_vae
 
-    data = ["--config.data=shapes_edit/small", f"--config.data_dir={tmp_path / 'tfds'}"]
-    small = ["--config.steps=2", "--config.global_batch_size=2", "--config.sample_every=2", "--config.sample_count=2"]
+    data = ["--config.data.name=shapes_edit/small", f"--config.data.data_dir={tmp_path / 'tfds'}"]
+    small = [
+        "--config.steps=2",
+        "--config.data.global_batch_size=2",
+        "--config.sample.every=2",
+        "--config.sample.count=2",
+    ]
     run = _run(["train.py", "--config", "configs/shapes_vae.py", "--workdir", tmp_path / "run", *data, *small])
     assert run.returncode == 0, run.stderr[-3000:]
     assert Image.open(tmp_path / "run" / "samples" / "step_0000002.png").size == (2 * 64, 2 * 64)
@@ -459,7 +469,7 @@ def test_train_py_on_two_processes_equals_one_process(tmp_path):
     """Two processes of 4 CPU devices joined by ``jax.distributed``, each reading its rows of every batch, against
     one process of 8 devices: the same losses, the same weights up to AdamW's amplification of float32 reordering
     noise (see ``distributed_step.py``), and a checkpoint that exports on one device."""
-    command = ["train.py", "--config", "configs/tiny.py", "--config.steps=3", "--config.global_batch_size=8"]
+    command = ["train.py", "--config", "configs/tiny.py", "--config.steps=3", "--config.data.global_batch_size=8"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     single = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     multi = dict(

@@ -61,6 +61,7 @@ def main(argv=None) -> dict:
     from ip2p_jax.generation.text_to_image import TextToImageInputs, TextToImageSettings, make_text_to_image_sampler
     from ip2p_jax.pipeline import postprocess
     from ip2p_jax.tokenizer import tokenize
+    from ip2p_jax.visualisation import grid
     from ip2p_jax.weights import load_clip, load_clip_preprocessor, load_stack, load_tokenizer
 
     def text_to_image_unet(unet, params):
@@ -126,8 +127,8 @@ def main(argv=None) -> dict:
         per_row = min(args.count, 8)
         shown = min(args.count, 32) // per_row * per_row
         pairs = np.concatenate([real[:shown], generated[:shown]], axis=2)  # (n, 64, 128, 3): real | generated
-        grid = np.concatenate([np.concatenate(list(pairs[i : i + per_row]), axis=1) for i in range(0, shown, per_row)])
-        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.Resampling.NEAREST).save(args.grid)
+        rows = [[Image.fromarray(pair) for pair in pairs[i : i + per_row]] for i in range(0, shown, per_row)]
+        grid(rows, enlarge=2).save(args.grid)
     if args.json is not None:
         args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, **results}, indent=1))
     return results

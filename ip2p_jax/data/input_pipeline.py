@@ -139,14 +139,14 @@ def prepared_builder(name: str, data_dir: str | None, manual_dir: str | None, *,
 def builder_from_config(config, main_process: bool = True):
     """The prepared TFDS builder of a training config's ``data`` (``None`` for the generated streams). Process 0
     builds it if needed (from ``manual_dir`` unless procedural) while the other processes wait."""
-    if config.data in STREAMS:
+    if config.data.name in STREAMS:
         return None
     from jax.experimental import multihost_utils
 
-    data_dir, manual_dir = config.data_dir or None, config.manual_dir or None
-    builder = prepared_builder(config.data, data_dir, manual_dir, prepare=main_process)
+    data_dir, manual_dir = config.data.data_dir or None, config.data.manual_dir or None
+    builder = prepared_builder(config.data.name, data_dir, manual_dir, prepare=main_process)
     multihost_utils.sync_global_devices("data set prepared")
-    return builder if main_process else prepared_builder(config.data, data_dir, manual_dir, prepare=False)
+    return builder if main_process else prepared_builder(config.data.name, data_dir, manual_dir, prepare=False)
 
 
 def batches_from_config(config, builder, micro_batch: int, position: int) -> Iterator[dict[str, np.ndarray]]:
@@ -161,7 +161,7 @@ def batches_from_config(config, builder, micro_batch: int, position: int) -> Ite
     from ip2p_jax.data.synthetic import process_rows, synthetic_batch
 
     index, count = jax.process_index(), jax.process_count()
-    if config.data == CAPTIONED_SCENES:
+    if config.data.name == CAPTIONED_SCENES:
         from ip2p_jax.data import captioned_scenes
 
         yield from captioned_scenes.batches(
@@ -170,20 +170,22 @@ def batches_from_config(config, builder, micro_batch: int, position: int) -> Ite
             position=position,
             process_index=index,
             process_count=count,
-            style=config.get("caption_style", "full"),  # configs before varied captions have no such key
+            style=config.data.get("caption_style", "full"),  # the CLIP config's data has none: full captions
         )
     if builder is None:
         for step in itertools.count(position):
-            yield process_rows(synthetic_batch(config.seed, step, micro_batch, config.resolution), index, count)
-    augmentation = Augmentation(config.resize_min, config.resize_max, config.resolution, config.flip_prob)
+            yield process_rows(synthetic_batch(config.seed, step, micro_batch, config.data.resolution), index, count)
+    augmentation = Augmentation(
+        config.data.resize_min, config.data.resize_max, config.data.resolution, config.data.flip_prob
+    )
     yield from tfds_batches(
         builder,
-        config.split,
+        config.data.split,
         batch_size=micro_batch // count,
         seed=config.seed,
         augmentation=augmentation,
         position=position,
         process_index=index,
         process_count=count,
-        shuffle_buffer=config.shuffle_buffer,
+        shuffle_buffer=config.data.shuffle_buffer,
     )

@@ -119,11 +119,11 @@ def diffusion_loss(
 
 
 def training_objective(config: Mapping[str, Any], model: str) -> tuple[Objective, dict[str, Any]]:
-    """A run's objective and training noise schedule (``SchedulerConfig`` keywords) from its config and the model
-    folder (or hub id) it starts from; ``train.py`` and ``export.py`` both call it, so a run exports the scheduler it
-    trained with.
+    """A run's objective and training noise schedule (``SchedulerConfig`` keywords) from its config's ``objective``
+    group (``training/config.py``'s ``diffusion_objective``) and the model folder (or hub id) it starts from;
+    ``train.py`` and ``export.py`` both call it, so a run exports the scheduler it trained with.
 
-    Config keys, each optional (a saved config from before they existed reads as the defaults):
+    Keys, each optional (a saved config from before they existed reads as the defaults):
       ``prediction_type``: ``""`` or absent for the model's own (its ``scheduler_config.json``'s, epsilon if none).
       ``rescale_betas_zero_snr``: ``True`` rescales the model's betas to zero terminal SNR; absent or ``False``
         keeps the model's own schedule (rescaled if its scheduler says so).
