@@ -17,8 +17,6 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's config files
-
 
 class ConfigError(ValueError):
     """A config file that cannot be read, or an override of a setting it lacks or with a value of the wrong type."""

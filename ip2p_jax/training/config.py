@@ -5,14 +5,15 @@ Groups, each overridable on the command line (``--config.optim.learning_rate=1e-
 
   * top level: ``task``, ``model`` (a diffusers folder, hub id, or ``"new"``), ``steps``, ``seed``, ``dtype``,
     ``fsdp``, ``log_every``;
-  * ``data``: what the batches are (``name``: a TFDS data set or a stream) and how many (``global_batch_size``);
   * ``optim``: AdamW's learning rate and weight decay, gradient clipping, gradient accumulation;
   * ``ema``: the EMA weights' decay;
-  * ``checkpoint``: how often to save, how many to keep;
-  * ``sample``: pictures of the EMA weights every ``every`` steps (0: never).
+  * ``checkpoint``: how often to save, how many to keep.
 
-Task-specific groups are added by the configs that need them: ``objective`` (the diffusion loss), ``eval`` (word
-localisation or retrieval), ``grounding``; and ``new_model``, a random model's architecture.
+Every config sets ``data`` (what the batches are, ``name``: a TFDS data set or a stream, and how many,
+``global_batch_size``; ``edit_data`` for an editing data set) and ``sample`` (pictures of the EMA weights every
+``every`` steps, 0: never). Task-specific groups are added by the configs that need them: ``objective`` (the
+diffusion loss), ``eval`` (word localisation or retrieval), ``grounding``; and ``new_model``, a random model's
+architecture.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import ml_collections
 
 
 def training_config(task: str, model: str = "new") -> ml_collections.ConfigDict:
-    """The shared groups at the defaults most configs keep; unlocked, for the config file to extend and lock."""
+    """The shared settings at the defaults most configs keep; unlocked, for the config file to add its ``data`` and
+    ``sample`` groups, extend and lock."""
     config = ml_collections.ConfigDict()
     config.task = task  # "ip2p", "autoencoder", "clip" or "text_to_image"
     config.model = model  # a diffusers folder or hub id to start from, or "new" (config.new_model)
@@ -30,13 +32,11 @@ def training_config(task: str, model: str = "new") -> ml_collections.ConfigDict:
     config.dtype = "float32"  # the compute dtype; params stay float32
     config.fsdp = 1  # devices each parameter is sharded over (1: replicated)
     config.log_every = 50
-    config.data = ml_collections.ConfigDict(dict(name="synthetic", resolution=64, global_batch_size=32))
     config.optim = ml_collections.ConfigDict(
         dict(learning_rate=1e-4, weight_decay=1e-2, max_grad_norm=1.0, accumulation=1)  # accumulation: micro-batches
     )
     config.ema = ml_collections.ConfigDict(dict(decay=0.9999))
     config.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2))
-    config.sample = ml_collections.ConfigDict(dict(every=1000, count=6))
     return config
 
 
