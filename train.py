@@ -300,7 +300,14 @@ def clip_task(config, workdir: Path, main_process: bool) -> Task:
     from ip2p_jax.clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     from ip2p_jax.data import captioned_scenes
     from ip2p_jax.tokenizer import tokenize
-    from ip2p_jax.training.clip import CLIPSettings, clip_step, retrieval_top1
+    from ip2p_jax.training.clip import (
+        CLIPSettings,
+        clip_step,
+        pick_accuracy,
+        retrieval_top1,
+        trim_padding,
+        word_pick_questions,
+    )
     from ip2p_jax.training.new_model import INITIAL_MODEL, write_new_clip
     from ip2p_jax.weights import load_clip, load_tokenizer
 
@@ -318,19 +325,32 @@ def clip_task(config, workdir: Path, main_process: bool) -> Task:
 
     def batch(rows):
         # CLIP's processing of a picture already at the tower's size: [0, 1], CLIP's mean and std.
-        return {
-            "pixel_values": ((rows["image"] + 1) / 2 - mean) / std,
-            "input_ids": tokenize(tokenizer, list(rows["caption"])),
-        }
+        captions = list(rows["caption"])
+        negatives = rows.get("hard_negatives", np.zeros((len(captions), 0), str))
+        ids = tokenize(tokenizer, captions + [str(text) for text in negatives.reshape(-1)])
+        ids = trim_padding(ids, clip.config.text.eos_token_id)
+        arrays = {"pixel_values": ((rows["image"] + 1) / 2 - mean) / std, "input_ids": ids[: len(captions)]}
+        if negatives.size:
+            arrays["negative_input_ids"] = ids[len(captions) :].reshape(*negatives.shape, -1)
+            arrays["negative_valid"] = rows["hard_negative_valid"]
+        return arrays
 
-    held_out = next(captioned_scenes.batches(config.seed, config.eval.count, stream="eval"))
-    held_out = batch(held_out)
+    held_out = batch(next(captioned_scenes.batches(config.seed, config.eval.count, stream="eval")))
+    held_out_scenes = [captioned_scenes.draw_scene(config.seed, "eval", i) for i in range(config.eval.count)]
+    picks = {kind: word_pick_questions(held_out_scenes, kind) for kind in ("shape", "colour")}
     encode = jax.jit(lambda p, x, ids: clip.apply({"params": p}, x, ids)[:2])
+    encode_text = jax.jit(lambda p, ids: clip.apply({"params": p}, ids, method="get_text_features"))
 
     def evaluate(ema):
-        """Top-1 retrieval among ``eval.count`` held-out scenes, both ways."""
+        """Top-1 retrieval among ``eval.count`` held-out scenes, both ways; shape and colour picks among their
+        objects' one-word variants (``word_pick_questions``)."""
         image_embeds, text_embeds = encode(ema, held_out["pixel_values"], held_out["input_ids"])
-        return retrieval_top1(np.asarray(image_embeds), np.asarray(text_embeds))
+        image_embeds = np.asarray(image_embeds)
+        measured = retrieval_top1(image_embeds, np.asarray(text_embeds))
+        for kind, (rows, captions, truth, count) in picks.items():
+            variants = np.asarray(encode_text(ema, tokenize(tokenizer, captions))).reshape(len(rows), count, -1)
+            measured[f"{kind}_pick"] = pick_accuracy(image_embeds[rows], variants, truth)
+        return measured
 
     step = functools.partial(clip_step, settings=settings)
     return Task(params, tx, step, {}, batch, samples=None, evaluate=evaluate)

@@ -29,12 +29,22 @@ def get_config() -> ml_collections.ConfigDict:
             words=list(WORDS),
         )
     )
-    config.steps = 2000
-    config.data = dict(name="shapes_captions", resolution=64, global_batch_size=128)
+    config.steps = 3000
+    # Captions in the instructions' grammar (make / turn / into / remove), each with 4 hard negatives: the caption
+    # with one word changed so that it no longer describes the picture, shapes first (ip2p_jax/data/hard_negatives.py).
+    config.data = dict(
+        name="shapes_captions",
+        caption_style="instructions",
+        hard_negatives=4,
+        hard_negative_kinds=("shape", "colour", "background"),
+        resolution=64,
+        global_batch_size=128,
+    )
     config.optim.learning_rate = 5e-4
     config.optim.weight_decay = 0.1
     config.ema.decay = 0.999
-    config.sample = dict(every=250, count=0)  # held-out retrieval of the EMA weights every `every` steps (0: never)
-    config.eval = dict(count=100)  # held-out scenes for retrieval
+    # held-out retrieval and shape / colour picks of the EMA weights every `every` steps (0: never)
+    config.sample = dict(every=250, count=0)
+    config.eval = dict(count=100)  # held-out scenes for retrieval and the picks
     config.lock()
     return config

@@ -36,12 +36,14 @@ def test_contrastive_loss_by_hand():
     assert retrieval_top1(np.eye(3), np.eye(3)[[0, 2, 1]]) == {"caption_to_image": 1 / 3, "image_to_caption": 1 / 3}
 
 
-def test_clip_step_learns_a_batch(tmp_path):
-    """A few contrastive steps on one batch of captioned scenes: the loss falls and the EMA moves."""
+@pytest.mark.parametrize("hard_negatives", [0, 3])
+def test_clip_step_learns_a_batch(tmp_path, hard_negatives):
+    """A few contrastive steps on one batch of captioned scenes, with and without hard negatives: the loss falls and
+    the EMA moves. Token ids trimmed of padding (``trim_padding``) give the same text embeddings."""
     from ip2p_jax.data import captioned_scenes
     from ip2p_jax.data.shapes import WORDS
     from ip2p_jax.tokenizer import tokenize
-    from ip2p_jax.training.clip import CLIPSettings, clip_step
+    from ip2p_jax.training.clip import CLIPSettings, clip_step, trim_padding
     from ip2p_jax.training.new_model import write_new_clip
     from ip2p_jax.training.state import create_train_state, make_optimizer
     from ip2p_jax.weights import load_clip, load_tokenizer
@@ -50,9 +52,18 @@ def test_clip_step_learns_a_batch(tmp_path):
     vision = dict(text, image_size=64, patch_size=16)
     folder = write_new_clip(tmp_path / "clip", text=text, vision=vision, projection_dim=8, words=WORDS, seed=0)
     clip, params = load_clip(folder)
-    rows = next(captioned_scenes.batches(0, 8))
-    ids = tokenize(load_tokenizer(folder, subfolder=""), list(rows["caption"]))
-    batch = {"pixel_values": jnp.asarray(rows["image"]), "input_ids": jnp.asarray(ids)}  # any normalisation will do
+    tokenizer = load_tokenizer(folder, subfolder="")
+    rows = next(captioned_scenes.batches(0, 8, style="instructions", hard_negative_count=hard_negatives))
+    ids = tokenize(tokenizer, list(rows["caption"]))
+    trimmed = trim_padding(ids, clip.config.text.eos_token_id)
+    assert trimmed.shape[1] in (16, 32, 48)
+    features = lambda ids: clip.apply({"params": params}, ids, method="get_text_features")  # noqa: E731
+    np.testing.assert_allclose(features(trimmed), features(ids), rtol=1e-5, atol=1e-6)
+    batch = {"pixel_values": jnp.asarray(rows["image"]), "input_ids": jnp.asarray(trimmed)}  # any normalisation
+    if hard_negatives:
+        negatives = tokenize(tokenizer, list(rows["hard_negatives"].reshape(-1)))[:, : trimmed.shape[1]]
+        batch["negative_input_ids"] = jnp.asarray(negatives.reshape(8, hard_negatives, -1))
+        batch["negative_valid"] = jnp.asarray(rows["hard_negative_valid"])
     tx = make_optimizer(3e-3, weight_decay=0.0)
     step = jax.jit(lambda state: clip_step(state, batch, None, {}, CLIPSettings(clip, tx)))
     state = create_train_state(params, tx)
@@ -182,7 +193,7 @@ def test_clip_and_text_to_image_train_export_and_load(tmp_path):
         [*clip_run, *small, "--config.sample.every=6", "--config.eval.count=8", "--config.optim.learning_rate=3e-3"]
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "caption_to_image" in run.stderr
+    assert "caption_to_image" in run.stderr and "shape_pick" in run.stderr and "colour_pick" in run.stderr
     export = _run(["export.py", "--workdir", tmp_path / "clip", "--out", tmp_path / "clip-model"])
     assert export.returncode == 0, export.stderr[-3000:]
 

@@ -223,18 +223,25 @@ def test_captioned_scene_stream_covers_every_combination_and_grounds_its_words()
     assert all(held_out.caption != captioned_scenes.draw(0, "train", i).caption for i in range(300))
 
 
-def test_varied_captions_ground_what_they_name_in_the_instructions_contexts():
+@pytest.mark.parametrize("style", ["varied", "instructions"])
+def test_varied_captions_ground_what_they_name_in_the_instructions_contexts(style):
     """The same scenes as the full captions; each grounded span is the word naming its own object (or the
     background), the words not named are padding, and shape words appear after "make the", "turn the", a bare "the",
-    and without their colour, in captions that name only part of the scene."""
+    and without their colour, in captions that name only part of the scene. The "instructions" style also says to
+    remove a shape, always one the scene lacks, and grounds it nowhere."""
     from ip2p_jax.data import captioned_scenes
 
-    before, partial, count = set(), 0, 300
+    before, partial, removals, count = set(), 0, 0, 300
     for index in range(count):
-        element = captioned_scenes.draw(0, "train", index, "varied")
+        element = captioned_scenes.draw(0, "train", index, style)
         scene, _ = captioned_scenes.draw_scene(0, "train", index)
         np.testing.assert_array_equal(element.image, captioned_scenes.draw(0, "train", index).image)
-        assert set(element.caption.replace(",", "").split()) <= set(shapes.WORDS) - {"remove"}, element.caption
+        words = element.caption.replace(",", "").split()
+        assert set(words) <= set(shapes.WORDS) - ({"remove"} if style == "varied" else set()), element.caption
+        if "remove" in words:
+            removals += 1
+            removed = words[words.index("remove") + 2]
+            assert removed not in {o.shape for o in scene.objects} and words.count("remove") == 1, element.caption
         objects = scene.object_masks()
         named = 0
         for slot, ((start, end), mask) in enumerate(zip(element.word_spans, element.word_masks, strict=True)):
@@ -255,5 +262,7 @@ def test_varied_captions_ground_what_they_name_in_the_instructions_contexts():
     # The two words before a shape word: a verb and "the", "the" alone, "the" and a colour, an article alone.
     assert {"make the", "turn the", "the", "and the", "the red", "a red", "a"} <= before, sorted(before)
     assert 0.4 < partial / count < 0.9, partial / count
+    # About REMOVE_PROBABILITY of the scenes that lack a shape (most do) say to remove one.
+    assert (0.15 < removals / count < 0.35) if style == "instructions" else removals == 0, removals
     with pytest.raises(ValueError, match="caption style"):
         captioned_scenes.draw(0, "train", 0, "poetic")

@@ -15,7 +15,13 @@ blue square on a gray background"). ``"varied"``: a quarter of the captions full
 the scene in clauses of varied grammar that use the instructions' words truthfully ("the circle", "make the square
 blue" of a blue square, "turn the circle into a circle", "the gray background"), so that a shape word meets the
 contexts an instruction puts it in: no colour before it, a verb before it, and no other object named beside it.
-Only ``remove`` has no truthful clause and is left out. A word not mentioned is not grounded.
+Only ``remove`` has no truthful clause there. ``"instructions"``: a varied caption that, in a share of the scenes
+missing some shape, also says to remove one that is absent ("remove the diamond, the circle and a gray background":
+the picture obeys it), so that every word of the edits is trained. A word not mentioned, or removed, is not
+grounded.
+
+A batch may carry, per caption, hard negatives (``hard_negatives.py``): the caption with one word changed so that
+it no longer describes the scene, for the CLIP's contrastive loss.
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ip2p_jax.data import shapes
+from ip2p_jax.data import hard_negatives, shapes
 
 STREAM_SEEDS = {"train": 3, "eval": 4}  # apart from shapes_edit's split seeds (0, 1, 2)
 GROUNDED = len(shapes.SHAPES) + 1  # the shape word of each object (at most one per shape) and "background"
-CAPTION_STYLES = ("full", "varied")
+CAPTION_STYLES = ("full", "varied", "instructions")
 VARIED_FULL_SHARE = 0.25  # of "varied" captions, the share that keep the full template
 VARIED_MENTION_PROBABILITY = 0.6  # each object's (and the background's) chance to be named in a varied caption
+REMOVE_PROBABILITY = 0.3  # of "instructions" captions of scenes missing a shape, the share that remove one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +112,24 @@ def varied_caption(scene: shapes.Scene, rng: np.random.Generator) -> shapes.Capt
     return shapes.Caption(text, tuple(spans), background_span)
 
 
+def with_removal(scene: shapes.Scene, described: shapes.Caption, rng: np.random.Generator) -> shapes.Caption:
+    """``described`` with, at ``REMOVE_PROBABILITY``, the clause "remove the {shape}" for a shape the scene lacks,
+    before or after the rest (the ``"instructions"`` style); unchanged when the scene has every shape."""
+    absent = [shape for shape in shapes.SHAPES if shape not in {o.shape for o in scene.objects}]
+    if not absent or rng.random() >= REMOVE_PROBABILITY:
+        return described
+    clause = f"remove the {absent[int(rng.integers(len(absent)))]}"
+    if rng.random() < 0.5:
+        return shapes.Caption(f"{described.text}, {clause}", described.shape_spans, described.background_span)
+    shift = len(clause) + 2
+
+    def moved(span):
+        return None if span is None else (span[0] + shift, span[1] + shift)
+
+    spans = tuple(moved(span) for span in described.shape_spans)
+    return shapes.Caption(f"{clause}, {described.text}", spans, moved(described.background_span))
+
+
 def captioned_scene(scene: shapes.Scene, order=None, described: shapes.Caption | None = None) -> CaptionedScene:
     """``scene`` with its caption (``described``, or the full one with objects in ``order``) and grounded words;
     a word the caption does not name (a ``None`` span) is padding."""
@@ -137,13 +162,37 @@ def draw(seed: int, stream: str, index: int, style: str = "full") -> CaptionedSc
     if style == "full":
         return captioned_scene(scene, order)
     rng = np.random.default_rng([seed, STREAM_SEEDS[stream], index, 1])
-    return captioned_scene(scene, described=varied_caption(scene, rng))
+    described = varied_caption(scene, rng)
+    if style == "instructions":
+        described = with_removal(scene, described, rng)
+    return captioned_scene(scene, described=described)
 
 
-def batch(elements: list[CaptionedScene]) -> dict[str, np.ndarray]:
+def draw_hard_negatives(
+    seed: int, stream: str, index: int, element: CaptionedScene, count: int, kinds: tuple[str, ...]
+) -> tuple[list[str], list[bool]]:
+    """``count`` hard negatives of element ``index``'s caption (``hard_negatives.draw_hard_negatives``), padded
+    with ``""`` where the caption has fewer, and which are real: ``(captions, valid)``. A pure function of
+    ``(seed, stream, index)`` like the element."""
+    scene, _ = draw_scene(seed, stream, index)
+    rng = np.random.default_rng([seed, STREAM_SEEDS[stream], index, 2])
+    negatives = hard_negatives.draw_hard_negatives(scene, element.caption, rng, count, kinds)
+    return negatives + [""] * (count - len(negatives)), [True] * len(negatives) + [False] * (count - len(negatives))
+
+
+def batch(elements: list[CaptionedScene], negatives: list[tuple[list[str], list[bool]]] | None = None):
     """Stacks elements: ``image`` ``(B, 64, 64, 3)`` float32 in [-1, 1], ``caption`` ``(B,)`` str, ``word_spans``
-    ``(B, GROUNDED, 2)`` int32, ``word_masks`` ``(B, GROUNDED, 64, 64)`` bool."""
+    ``(B, GROUNDED, 2)`` int32, ``word_masks`` ``(B, GROUNDED, 64, 64)`` bool; with ``negatives`` (one
+    ``draw_hard_negatives`` result per element) also ``hard_negatives`` ``(B, N)`` str and ``hard_negative_valid``
+    ``(B, N)`` bool."""
+    extra = {}
+    if negatives is not None:
+        extra = {
+            "hard_negatives": np.array([texts for texts, _ in negatives], dtype=object).astype(str),
+            "hard_negative_valid": np.array([valid for _, valid in negatives], bool),
+        }
     return {
+        **extra,
         "image": np.stack([e.image for e in elements]).astype(np.float32) / 127.5 - 1.0,
         "caption": np.array([e.caption for e in elements]),
         "word_spans": np.stack([e.word_spans for e in elements]),
@@ -160,8 +209,11 @@ def batches(
     process_index: int = 0,
     process_count: int = 1,
     style: str = "full",
+    hard_negative_count: int = 0,
+    hard_negative_kinds: tuple[str, ...] = hard_negatives.HARD_NEGATIVE_KINDS,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This host's rows of each global batch of ``batch_size`` elements, from batch ``position`` on, forever.
+    """This host's rows of each global batch of ``batch_size`` elements, from batch ``position`` on, forever, with
+    ``hard_negative_count`` hard negatives per caption (``draw_hard_negatives``) when above 0.
 
     Host ``p`` of ``P`` takes rows ``[p * b, (p + 1) * b)`` of each global batch (``b = batch_size / P``), so the
     global batch is the same on any number of hosts.
@@ -171,4 +223,11 @@ def batches(
     rows = batch_size // process_count
     for step in itertools.count(position):
         first = step * batch_size + process_index * rows
-        yield batch([draw(seed, stream, first + i, style) for i in range(rows)])
+        elements = [draw(seed, stream, first + i, style) for i in range(rows)]
+        negatives = None
+        if hard_negative_count:
+            negatives = [
+                draw_hard_negatives(seed, stream, first + i, element, hard_negative_count, hard_negative_kinds)
+                for i, element in enumerate(elements)
+            ]
+        yield batch(elements, negatives)

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ip2p_jax.data.hard_negatives import HARD_NEGATIVE_KINDS
+
 SYNTHETIC = "synthetic"
 CAPTIONED_SCENES = "shapes_captions"  # the endless stream of captioned scenes (``captioned_scenes.py``)
 STREAMS = (SYNTHETIC, CAPTIONED_SCENES)  # generated as they are read: no builder
@@ -170,7 +172,9 @@ def batches_from_config(config, builder, micro_batch: int, position: int) -> Ite
             position=position,
             process_index=index,
             process_count=count,
-            style=config.data.get("caption_style", "full"),  # the CLIP config's data has none: full captions
+            style=config.data.get("caption_style", "full"),
+            hard_negative_count=config.data.get("hard_negatives", 0),  # the CLIP's (training/clip.py)
+            hard_negative_kinds=tuple(config.data.get("hard_negative_kinds", HARD_NEGATIVE_KINDS)),
         )
     if builder is None:
         for step in itertools.count(position):

@@ -3,6 +3,10 @@
 Within a batch of ``B`` (image, caption) pairs, the logits are ``exp(logit_scale)`` times the cosine similarities
 of every image with every caption; the loss is the mean of the two cross-entropies (images -> their captions,
 captions -> their images). ``logit_scale`` trains, clipped at ``log(100)`` as CLIP clips it.
+
+Hard negatives (``data/hard_negatives.py``): each image may also meet ``N`` captions of its own that differ from
+its caption by one word and do not describe it. They join that image's row of logits as extra wrong answers
+(image -> caption only: they belong to no image), so the loss can fall only by reading the changed word.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ip2p_jax.data import hard_negatives
 from ip2p_jax.evaluation.clip_metrics import l2_normalize
 from ip2p_jax.models.clip import CLIPModel
 from ip2p_jax.training.state import TrainState, apply_gradients, norm_metrics
@@ -37,19 +42,35 @@ class CLIPSettings:
 
 
 def contrastive_loss(
-    image_embeds_bp: jax.Array, text_embeds_bp: jax.Array, logit_scale: jax.Array
+    image_embeds_bp: jax.Array,
+    text_embeds_bp: jax.Array,
+    logit_scale: jax.Array,
+    negative_embeds_bnp: jax.Array | None = None,
+    negative_valid_bn: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """CLIP's symmetric cross-entropy over a batch of matching pairs (row ``i`` of each goes together).
 
+    Args:
+      image_embeds_bp, text_embeds_bp: ``(B, P)`` projections of the images and their captions.
+      logit_scale: the learned log temperature.
+      negative_embeds_bnp: optional ``(B, N, P)`` projections of each image's hard negative captions, appended to
+        its row of image -> caption logits.
+      negative_valid_bn: ``(B, N)`` bool, which negatives are real (padding never competes).
+
     Returns:
       ``(loss, accuracy)``: the mean of both directions' cross-entropies, and the share of images whose own
-      caption scores highest.
+      caption scores highest (among the batch's captions and its own negatives).
     """
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
-    logits = scale * l2_normalize(image_embeds_bp) @ l2_normalize(text_embeds_bp).T  # (images, captions)
+    images = l2_normalize(image_embeds_bp)
+    logits = scale * images @ l2_normalize(text_embeds_bp).T  # (images, captions)
     labels = jnp.arange(logits.shape[0])
-    image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+    if negative_embeds_bnp is not None:
+        negatives = scale * jnp.einsum("bp,bnp->bn", images, l2_normalize(negative_embeds_bnp))
+        negatives = jnp.where(negative_valid_bn, negatives, -jnp.inf)
+        logits = jnp.concatenate([logits, negatives], axis=1)  # (images, captions + own negatives)
+    image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     accuracy = jnp.mean(jnp.argmax(logits, axis=1) == labels)
     return (image_to_text + text_to_image) / 2, accuracy
 
@@ -61,7 +82,9 @@ def clip_step(
 
     Args:
       state: the train state of the CLIP's params (donated by the jitted caller).
-      batch: ``pixel_values`` ``(B, S, S, 3)`` (CLIP-normalised) and ``input_ids`` ``(B, 77)``.
+      batch: ``pixel_values`` ``(B, S, S, 3)`` (CLIP-normalised) and ``input_ids`` ``(B, T)``; optionally
+        ``negative_input_ids`` ``(B, N, T)`` and ``negative_valid`` ``(B, N)`` bool (hard negatives); ``T`` is the
+        captions' length (77, or less after ``trim_padding``).
       key, frozen: unused (the interface of ``train_step``); the step is deterministic.
 
     Returns:
@@ -71,10 +94,15 @@ def clip_step(
     del key, frozen
 
     def loss_fn(params):
-        image_embeds, text_embeds, logit_scale = settings.clip.apply(
-            {"params": params}, batch["pixel_values"], batch["input_ids"]
-        )
-        return contrastive_loss(image_embeds, text_embeds, logit_scale)
+        ids, negative_ids = batch["input_ids"], batch.get("negative_input_ids")
+        if negative_ids is not None:  # one pass of the text tower over the captions and their negatives
+            ids = jnp.concatenate([ids, negative_ids.reshape(-1, ids.shape[-1])])
+        image_embeds, text_embeds, logit_scale = settings.clip.apply({"params": params}, batch["pixel_values"], ids)
+        if negative_ids is None:
+            return contrastive_loss(image_embeds, text_embeds, logit_scale)
+        batch_size = image_embeds.shape[0]
+        negatives = text_embeds[batch_size:].reshape(*negative_ids.shape[:2], -1)
+        return contrastive_loss(image_embeds, text_embeds[:batch_size], logit_scale, negatives, batch["negative_valid"])
 
     (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state, updates = apply_gradients(
@@ -82,6 +110,49 @@ def clip_step(
     )
     norms = norm_metrics(grads, new_state.params, updates, settings.learning_rate)
     return new_state, {"loss": loss, "accuracy": accuracy, "logit_scale": new_state.params["logit_scale"], **norms}
+
+
+def trim_padding(input_ids_bt: np.ndarray, eos_token_id: int, multiple: int = 16) -> np.ndarray:
+    """Token ids without the padding columns no sequence needs, to a multiple of ``multiple`` columns: ``(B, 77)`` ->
+    ``(B, L)``, each row's end token kept. The text tower's attention is causal, so every position up to the end
+    token (and so the embedding pooled there) is unchanged; the tower does a fraction of the work on short captions
+    (the hard negatives make the text tower the larger part of a step). Few lengths, so few compilations."""
+    is_end = input_ids_bt == eos_token_id
+    if not is_end.any(axis=1).all():  # (a legacy config's end token id; nothing to trim by)
+        return input_ids_bt
+    needed = int(np.max(np.argmax(is_end, axis=1))) + 1
+    return input_ids_bt[:, : min(input_ids_bt.shape[1], -(-needed // multiple) * multiple)]
+
+
+def word_pick_questions(scenes, kind: str) -> tuple[np.ndarray, list[str], np.ndarray, int]:
+    """The questions of a word pick on ``(scene, order)`` pairs: for every object, its scene's full caption against
+    the same caption with the object's shape or colour (``kind``) changed (``hard_negatives.word_variants``).
+
+    Returns:
+      ``(scene_index (M,), captions (M * V), true_index (M,), V)``: each question's scene, its ``V`` captions in a
+      row, and which of them is true.
+    """
+    rows, captions, truth, count = [], [], [], 0
+    for index, (scene, order) in enumerate(scenes):
+        for true, texts in hard_negatives.word_variants(scene, order, kind):
+            rows.append(index)
+            captions += texts
+            truth.append(true)
+            count = len(texts)
+    return np.asarray(rows), captions, np.asarray(truth), count
+
+
+def pick_accuracy(image_embeds_np: np.ndarray, variant_embeds_np: np.ndarray, true_index_np: np.ndarray) -> float:
+    """How often each image scores its true caption highest among its variants (``hard_negatives.word_variants``).
+
+    Args:
+      image_embeds_np: ``(M, P)`` the image of each question (repeated per object).
+      variant_embeds_np: ``(M, V, P)`` the ``V`` captions each image chooses among.
+      true_index_np: ``(M,)`` which of them is true.
+    """
+    images = l2_normalize(jnp.asarray(image_embeds_np))
+    scores = jnp.einsum("mp,mvp->mv", images, l2_normalize(jnp.asarray(variant_embeds_np)))
+    return float(np.mean(np.argmax(np.asarray(scores), axis=1) == true_index_np))
 
 
 def retrieval_top1(image_embeds_np: np.ndarray, text_embeds_np: np.ndarray) -> dict[str, float]:
