@@ -6,11 +6,17 @@
 Settings (``configs/evaluate.py``): ``data`` (dataset, splits, examples per split), ``methods``, ``sample`` (steps,
 guidance scales, seed, batch) and ``foi`` (unset: the model folder's ``foi_config.json``, else the paper's).
 
+Splits: ``test_single``, ``test_multi`` and ``train_fit``, the fit check: the first non-leaky examples of the
+training split itself (combinations the model was trained on), so that a model that fails there is undertrained,
+and one that succeeds there but not on the test splits fails to generalise.
+
 Methods, all from the same seeds (image ``i`` of a batch draws from ``fold_in(PRNGKey(seed + batch), i)``):
 ``ip2p`` (InstructPix2Pix, the composite prompt, full strength), ``ip2p_strength_0.8`` (the same entering the
 schedule where FoI does), ``foi`` (Focus on Your Instruction, each sub-instruction with its keyword) and FoI's
-ablations ``foi_no_modulation`` and ``foi_no_decoupled_guidance``. For each: edit success per instruction and the
-share of examples with every instruction carried out, the change outside the ground-truth region (mean absolute
+ablations ``foi_no_modulation`` and ``foi_no_decoupled_guidance``; and two references that run no model, the judge's
+known answers: ``ground_truth`` (the exact edited picture) and ``input`` (the picture unedited). For each: edit
+success per instruction, overall and by kind of edit (recolour, reshape, remove, background), the share of examples
+with every instruction carried out, the change outside the ground-truth region (mean absolute
 change in levels of 255, and PSNR), and for FoI the mask IoU at mask resolution
 (``ip2p_jax/evaluation/shapes_edit.py``).
 
@@ -35,7 +41,10 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "models" / "shapes-ip2p"
 CONFIG = ROOT / "configs" / "evaluate.py"  # the data, methods, sampler's and FoI's settings
 METHODS = ("ip2p", "ip2p_strength_0.8", "foi", "foi_no_modulation", "foi_no_decoupled_guidance")
-SPLITS = ("test_single", "test_multi")
+REFERENCES = ("ground_truth", "input")  # no model: the judge's known answers
+SPLITS = ("test_single", "test_multi", "train_fit")
+DEFAULT_SPLITS = ("test_single", "test_multi")
+FIT_SPLIT = "train_fit"  # the training split's non-leaky examples
 GRID_EXAMPLES = 4  # per split
 ENLARGE = 3
 
@@ -63,14 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.config = config = load_config(args.config, overrides)
     except ConfigError as error:
         parser.error(str(error))
-    args.splits = [s for s in config.data.splits.split(",") if s] or list(SPLITS)
+    args.splits = [s for s in config.data.splits.split(",") if s] or list(DEFAULT_SPLITS)
     args.methods = [m for m in config.methods.split(",") if m] or list(METHODS)
     for split in args.splits:
         if split not in SPLITS:
             parser.error(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
     for method in args.methods:
-        if method not in METHODS:
-            parser.error(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+        if method not in METHODS + REFERENCES:
+            parser.error(f"unknown method {method!r} (one of {', '.join(METHODS + REFERENCES)})")
     if config.data.limit is not None and config.data.limit < 1:
         parser.error("--config.data.limit must be at least 1")
     if config.sample.steps < 1 or config.sample.batch < 1:
@@ -83,10 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_split(builder, split: str, limit: int | None) -> list[dict]:
-    """The split's examples as numpy dicts (text decoded)."""
+    """The split's examples as numpy dicts (text decoded); ``train_fit``: the training split's non-leaky ones."""
     import tensorflow_datasets as tfds
 
-    dataset = builder.as_dataset(split=split, shuffle_files=False)
+    dataset = builder.as_dataset(split="train" if split == FIT_SPLIT else split, shuffle_files=False)
+    if split == FIT_SPLIT:
+        dataset = dataset.filter(lambda example: example["leak"] == "")
     if limit is not None:
         dataset = dataset.take(limit)
     examples = []
@@ -113,6 +124,9 @@ def edit_batch(pipe, method: str, foi_config, examples: list[dict], args, seed: 
         progress=False,
     )
     images = [e["input_image"] for e in examples]
+    if method in REFERENCES:
+        key = "edited_image" if method == "ground_truth" else "input_image"
+        return np.stack([e[key] for e in examples]).astype(np.float64), [None] * len(examples)
     if method.startswith("ip2p"):
         strength = foi_config.strength if method == "ip2p_strength_0.8" else 1.0
         out = pipe(images, [e["instruction"] for e in examples], strength=strength, **common)
@@ -134,6 +148,7 @@ def judge(example: dict, output: np.ndarray, masks) -> dict:
     target, regions = example["edited_image"], example["regions"]
     success = [evaluation.edit_success(output, target, region) for region in regions]
     figures = {
+        "kinds": list(example["kinds"]),
         "success": success,
         "all_success": all(success),
         "outside_change": evaluation.outside_change(output, example["input_image"], example["mask"]),
@@ -145,12 +160,20 @@ def judge(example: dict, output: np.ndarray, masks) -> dict:
 
 
 def aggregate(per_example: list[dict]) -> dict:
-    """Means over a split: per-instruction success, all-instructions success, outside change and PSNR, mask IoU."""
+    """Means over a split: per-instruction success (overall and by kind of edit, ``success_by_kind``; a kind absent
+    from the split has none), all-instructions success, outside change and PSNR, mask IoU."""
+    from ip2p_jax.data.shapes import EDIT_KINDS
+
     instructions = [s for e in per_example for s in e["success"]]
+    by_kind = {kind: [] for kind in EDIT_KINDS}
+    for e in per_example:
+        for kind, success in zip(e["kinds"], e["success"], strict=True):
+            by_kind[kind].append(success)
     psnr = [e["outside_psnr"] for e in per_example if math.isfinite(e["outside_psnr"])]
     summary = {
         "examples": len(per_example),
         "edit_success": float(np.mean(instructions)),
+        "success_by_kind": {kind: float(np.mean(found)) for kind, found in by_kind.items() if found},
         "all_success": float(np.mean([e["all_success"] for e in per_example])),
         "outside_change": float(np.mean([e["outside_change"] for e in per_example])),
         "outside_psnr": float(np.mean(psnr)) if psnr else float("inf"),
@@ -161,17 +184,25 @@ def aggregate(per_example: list[dict]) -> dict:
 
 
 def markdown_table(results: dict) -> str:
+    """One row per split and method: the aggregates, success by kind of edit included ("-" where the split has
+    none of a kind)."""
+    from ip2p_jax.data.shapes import EDIT_KINDS
+
     lines = [
-        "| split | method | edit success (per instruction) | every instruction | outside change (levels) "
-        "| outside PSNR (dB) | mask IoU |",
-        "|---|---|---|---|---|---|---|",
+        "| split | method | edit success (per instruction) | every instruction | "
+        + " | ".join(EDIT_KINDS)
+        + " | outside change (levels) | outside PSNR (dB) | mask IoU |",
+        "|---|---|---|---|" + "---|" * len(EDIT_KINDS) + "---|---|---|",
     ]
     for split, methods in results.items():
         for method, s in methods.items():
             iou = f"{s['mask_iou']:.3f}" if "mask_iou" in s else "-"
+            kinds = [s["success_by_kind"].get(kind) for kind in EDIT_KINDS]
+            kinds = " | ".join("-" if k is None else f"{100 * k:.0f} %" for k in kinds)
             lines.append(
                 f"| {split} ({s['examples']}) | {method} | {100 * s['edit_success']:.1f} % | "
-                f"{100 * s['all_success']:.1f} % | {s['outside_change']:.2f} | {s['outside_psnr']:.2f} | {iou} |"
+                f"{100 * s['all_success']:.1f} % | {kinds} | {s['outside_change']:.2f} | {s['outside_psnr']:.2f} "
+                f"| {iou} |"
             )
     return "\n".join(lines) + "\n"
 

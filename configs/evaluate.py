@@ -20,11 +20,14 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             dataset="shapes_edit",  # TFDS name (and config), e.g. shapes_edit/small
             data_dir="",  # TFDS data_dir ("" = TFDS's default)
-            splits="",  # comma-separated; "" = both test splits (evaluate.SPLITS)
+            # comma-separated; "" = both test splits (evaluate.DEFAULT_SPLITS); "train_fit": the fit check, the
+            # training split's non-leaky examples
+            splits="",
             limit=config_dict.placeholder(int),  # examples per split; unset = all
         )
     )
-    config.methods = ""  # comma-separated; "" = every method (evaluate.METHODS)
+    # comma-separated; "" = every method (evaluate.METHODS); the references "ground_truth" and "input" on request
+    config.methods = ""
     config.sample = sampling_settings(batch=25)  # batch: images per sampler call
     config.foi = foi_settings()
     config.lock()

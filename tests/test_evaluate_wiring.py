@@ -22,6 +22,7 @@ from PIL import Image
 
 import evaluate
 from ip2p_jax.data import shapes_edit
+from ip2p_jax.data.shapes import EDIT_KINDS
 from ip2p_jax.foi import FoIConfig, mask_size
 from ip2p_jax.pipeline import InstructPix2PixPipeline
 
@@ -35,11 +36,11 @@ FOI_METHODS = ("foi", "foi_no_modulation", "foi_no_decoupled_guidance")
 def _examples() -> dict[bytes, tuple[str, int, object]]:
     """Every example of the small config's test splits, by its input picture's bytes."""
     table = {}
-    for split in evaluate.SPLITS:
+    for split in evaluate.DEFAULT_SPLITS:
         for index in range(SMALL.num_test):
             example = shapes_edit.draw(SMALL, split, index)
             table[example.input_image.tobytes()] = (split, index, example)
-    assert len(table) == len(evaluate.SPLITS) * SMALL.num_test, "two examples share an input picture"
+    assert len(table) == len(evaluate.DEFAULT_SPLITS) * SMALL.num_test, "two examples share an input picture"
     return table
 
 
@@ -195,7 +196,7 @@ def test_the_ground_truth_scores_perfectly(truth_run):
     """The ground-truth edit with the true masks at FoI's mask resolution: 100 % success per instruction and for
     every example, no change outside the regions (PSNR infinite), mask IoU 1 for every sub-instruction."""
     record, fake, _ = truth_run
-    for split in evaluate.SPLITS:
+    for split in evaluate.DEFAULT_SPLITS:
         for method in evaluate.METHODS:
             summary = record["results"][split][method]
             assert summary["examples"] == LIMIT
@@ -217,7 +218,7 @@ def test_the_calls_carry_the_settings(truth_run, data_dir):
 
     record, fake, _ = truth_run
     expected = []
-    for split in evaluate.SPLITS:
+    for split in evaluate.DEFAULT_SPLITS:
         dataset = tfds.builder("shapes_edit/small", data_dir=data_dir).as_dataset(split=split, shuffle_files=False)
         order = [(split, SMALL_INDEX[e["input_image"].tobytes()]) for e in tfds.as_numpy(dataset.take(LIMIT))]
         for method in evaluate.METHODS:
@@ -239,7 +240,7 @@ def test_the_unedited_input_carries_out_nothing(unedited_run):
     the regions, and an empty mask has IoU 0 with every region that covers a cell. (Reshapes are left to
     ``test_an_unedited_reshape_is_no_success``.)"""
     record, fake, _ = unedited_run
-    for split in evaluate.SPLITS:
+    for split in evaluate.DEFAULT_SPLITS:
         for method in evaluate.METHODS:
             summary = record["results"][split][method]
             assert summary["outside_change"] == 0.0 and summary["outside_psnr"] == math.inf
@@ -262,7 +263,7 @@ def test_an_unedited_reshape_is_no_success(unedited_run):
     test_single split turns a square into a circle of the same centre and size, the circle covers about 84 % of the
     square, and the unedited square agrees with the target on those pixels (``SUCCESS_AGREEMENT`` is 0.7)."""
     record, fake, _ = unedited_run
-    for split in evaluate.SPLITS:
+    for split in evaluate.DEFAULT_SPLITS:
         assert record["results"][split]["ip2p"]["edit_success"] == 0.0, split
 
 
@@ -275,7 +276,7 @@ def test_each_method_row_comes_from_its_own_edits(per_method_run):
     record, fake, _ = per_method_run
     size = mask_size(LATENT, MODEL_FOI["mask_downsample"])
     reversed_below_one = 0
-    for split in evaluate.SPLITS:
+    for split in evaluate.DEFAULT_SPLITS:
         for method, (base, levels, masks) in PER_METHOD.items():
             summary = record["results"][split][method]
             assert summary["outside_change"] == levels, (split, method)
@@ -316,7 +317,7 @@ def test_the_grid_shows_each_method_and_its_masks(per_method_run):
     grid = np.asarray(Image.open(out / "examples.png"))[:: evaluate.ENLARGE, :: evaluate.ENLARGE].astype(np.float64)
     size = mask_size(LATENT, MODEL_FOI["mask_downsample"])
     row = 0
-    for split in evaluate.SPLITS:
+    for split in evaluate.DEFAULT_SPLITS:
         for e in evaluated(fake, split)[: evaluate.GRID_EXAMPLES]:
             tiles = [grid[row * 64 : (row + 1) * 64, j * 64 : (j + 1) * 64] for j in range(7)]
             masks = true_masks(e, size)
@@ -341,12 +342,55 @@ def test_the_table_lists_every_row(per_method_run):
     """results.md: one row per split and method with that row's figures."""
     record, _, out = per_method_run
     lines = (out / "results.md").read_text().splitlines()[2:]
-    assert len(lines) == len(evaluate.SPLITS) * len(evaluate.METHODS)
-    for line, (split, method) in zip(lines, [(s, m) for s in evaluate.SPLITS for m in evaluate.METHODS], strict=True):
+    assert len(lines) == len(evaluate.DEFAULT_SPLITS) * len(evaluate.METHODS)
+    for line, (split, method) in zip(
+        lines, [(s, m) for s in evaluate.DEFAULT_SPLITS for m in evaluate.METHODS], strict=True
+    ):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         summary = record["results"][split][method]
         assert cells[0] == f"{split} ({LIMIT})" and cells[1] == method
-        assert cells[4] == f"{summary['outside_change']:.2f}" == f"{PER_METHOD[method][1]:.2f}"
+        assert cells[8] == f"{summary['outside_change']:.2f}" == f"{PER_METHOD[method][1]:.2f}"
+        for kind, cell in zip(EDIT_KINDS, cells[4:8], strict=True):
+            share = summary["success_by_kind"].get(kind)
+            assert cell == ("-" if share is None else f"{100 * share:.0f} %"), (split, method, kind)
+
+
+def test_success_by_kind_aggregates_each_kind(per_method_run):
+    """Per kind of edit, the share of that kind's instructions carried out, from the per-example figures."""
+    record, fake, _ = per_method_run
+    for split in evaluate.DEFAULT_SPLITS:
+        examples = evaluated(fake, split)
+        for method in evaluate.METHODS:
+            by_kind = {}
+            for figures, e in zip(record["per_example"][split][method], examples, strict=True):
+                assert figures["kinds"] == [edit.kind for edit in e.edits]
+                for kind, success in zip(figures["kinds"], figures["success"], strict=True):
+                    by_kind.setdefault(kind, []).append(success)
+            expected = {kind: pytest.approx(np.mean(found), rel=1e-12) for kind, found in by_kind.items()}
+            assert record["results"][split][method]["success_by_kind"] == expected, (split, method)
+
+
+def test_the_fit_split_and_the_references(tmp_path_factory, data_dir):
+    """``train_fit`` takes the training split's non-leaky examples; the references run no model: the ground truth
+    carries out every instruction of every kind with no change outside (which a leaky example's target would fail),
+    the input no recolouring or removal."""
+    import tensorflow_datasets as tfds
+
+    limit = 8  # all of the small test_single
+    extra = [f"--config.data.limit={limit}", "--config.data.splits=train_fit,test_single"]
+    record, fake, out = run_evaluate(
+        tmp_path_factory, data_dir, ground_truth, *extra, "--config.methods=ground_truth,input"
+    )
+    train = tfds.builder("shapes_edit/small", data_dir=data_dir).as_dataset(split="train", shuffle_files=False)
+    assert any(e["leak"] for e in tfds.as_numpy(train.take(limit))), "no leaky example to leave out"
+    assert fake.calls == []
+    for split in ("train_fit", "test_single"):
+        truth, unedited = record["results"][split]["ground_truth"], record["results"][split]["input"]
+        assert truth["examples"] == limit and truth["outside_change"] == 0.0, split
+        assert set(truth["success_by_kind"].values()) == {1.0} and truth["edit_success"] == 1.0, split
+        assert unedited["outside_change"] == 0.0
+        assert all(unedited["success_by_kind"].get(kind, 0.0) == 0.0 for kind in ("recolour", "remove")), split
+    assert "| train_fit (8) | ground_truth | 100.0 % |" in (out / "results.md").read_text()
 
 
 def test_a_batch_smaller_than_the_grid(tmp_path_factory, data_dir):
