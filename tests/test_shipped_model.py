@@ -96,7 +96,7 @@ def evaluation(tmp_path_factory, small_data):
 def test_evaluate_writes_a_table_json_and_a_grid(evaluation):
     record = json.loads((evaluation / "results.json").read_text())
     assert record["settings"]["config"]["foi"]["gamma"] == 2 and record["settings"]["foi"]["gamma"] == 2
-    assert set(record["results"]) == set(evaluate.SPLITS)
+    assert set(record["results"]) == set(evaluate.DEFAULT_SPLITS)
     for split, methods in record["results"].items():
         assert set(methods) == set(evaluate.METHODS)
         for method, summary in methods.items():
@@ -106,7 +106,7 @@ def test_evaluate_writes_a_table_json_and_a_grid(evaluation):
         per_example = record["per_example"][split]["foi"]
         assert all(len(e["success"]) == len(e["mask_iou"]) for e in per_example)
     table = (evaluation / "results.md").read_text()
-    assert table.count("\n") == 2 + len(evaluate.SPLITS) * len(evaluate.METHODS)
+    assert table.count("\n") == 2 + len(evaluate.DEFAULT_SPLITS) * len(evaluate.METHODS)
     grid = np.asarray(Image.open(evaluation / "examples.png"))
     # Two splits of 2 examples: input | truth | 3 mask tiles | IP2P | FoI, 64 px enlarged 3x.
     assert grid.shape == (2 * 2 * 64 * 3, 7 * 64 * 3, 3)
