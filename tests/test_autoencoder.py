@@ -64,3 +64,16 @@ def test_new_model_folder_loads_in_diffusers_and_here(tmp_path):
         np.asarray(ours.params["vae"]["decoder"]["conv_out"]["kernel"]),
         reference.vae.decoder.conv_out.weight.detach().numpy().transpose(2, 3, 1, 0),
     )
+    # A third reusing the first one's UNet folder (a lineage stage regrown over another text encoder).
+    third = write_new_model(
+        tmp_path / "third", unet=str(folder / "unet"), vae=SMOKE_VAE, text_encoder=SMOKE_TEXT, words=SMOKE_WORDS, seed=2
+    )
+    again = InstructPix2PixPipeline.from_pretrained(third)
+    assert (
+        again.unet.config.in_channels == 8
+        and (third / "model_index.json").read_text() == (folder / "model_index.json").read_text()
+    )
+    np.testing.assert_array_equal(
+        np.asarray(again.params["unet"]["conv_in"]["kernel"]),
+        reference.unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0),
+    )

@@ -3,8 +3,8 @@ from (``config.model = "new"`` in ``train.py``): an InstructPix2Pix or Stable Di
 
 The architectures are diffusers / transformers config dicts, so the folder loads with our loaders and with
 diffusers'. The tokenizer is a small CLIP BPE vocabulary over the given words (``tokenizer.write_clip_vocab``); the text
-encoder stays as initialised (training keeps it frozen). The VAE is either initialised here or copied from a
-trained VAE folder (``vae/config.json`` + weights, as ``export.py`` writes an autoencoder run).
+encoder stays as initialised (training keeps it frozen), or is a trained CLIP's text tower. The UNet and the VAE are
+either initialised here or copied from trained folders (``config.json`` + weights, as ``export.py`` writes them).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 def write_new_model(
     folder: str | Path,
     *,
-    unet: Mapping[str, Any],
+    unet: Mapping[str, Any] | str,
     vae: Mapping[str, Any] | str,
     text_encoder: Mapping[str, Any] | str,
     words: Sequence[str] = (),
@@ -36,10 +36,11 @@ def write_new_model(
 ) -> Path:
     """Writes a new InstructPix2Pix (8 input channels) or Stable Diffusion (4) folder (``unet/``, ``vae/``,
     ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``): random weights from ``seed``, except
-    a ``vae`` or ``text_encoder`` given as a folder.
+    a ``unet``, ``vae`` or ``text_encoder`` given as a folder.
 
     Args:
-      unet: a diffusers UNet config dict.
+      unet: a diffusers UNet config dict, or the path of a trained UNet folder (copied): a lineage stage regrown
+        over a new text encoder keeps the image prior it has learnt (its cross-attention relearns the words).
       vae: a diffusers ``AutoencoderKL`` config dict, or the path of a trained VAE folder (copied).
       text_encoder: a transformers CLIP text config dict (a random tower over ``words``' vocabulary), or the path
         of a trained transformers ``CLIPModel`` folder, whose text tower and tokenizer are taken.
@@ -65,22 +66,25 @@ def write_new_model(
         _, text_params = random_text_encoder(text_encoder, tokenizer, text_key)
         text_config = text_encoder_config(text_encoder, tokenizer)
     export.save_text_encoder(folder / "text_encoder", text_params, text_config)
-    _, unet_params = random_unet(unet, unet_key)
-    export.save_unet(folder / "unet", unet_params, dict(unet))
+    if isinstance(unet, str):
+        shutil.copytree(unet, folder / "unet")
+        in_channels = json.loads((folder / "unet" / "config.json").read_text()).get("in_channels", 4)
+    else:
+        _, unet_params = random_unet(unet, unet_key)
+        export.save_unet(folder / "unet", unet_params, dict(unet))
+        in_channels = unet.get("in_channels", 4)
     if isinstance(vae, str):
         shutil.copytree(vae, folder / "vae")
     else:
         _, vae_params = random_vae(vae, vae_key)
         export.save_vae(folder / "vae", vae_params, dict(vae))
     export.write_scheduler(folder / "scheduler", export.ip2p_scheduler_config(**SD_BETAS))
-    export.write_model_index(folder, "ip2p" if unet.get("in_channels", 4) == 8 else "sd")
+    export.write_model_index(folder, "ip2p" if in_channels == 8 else "sd")
     return folder
 
 
 def clip_text_config(clip_folder: str | Path) -> dict[str, Any]:
     """The ``text_config`` of a transformers ``CLIPModel`` folder as a ``CLIPTextModel`` config."""
-    import json
-
     config = json.loads((Path(clip_folder) / "config.json").read_text())
     return dict(config["text_config"])
 
