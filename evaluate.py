@@ -287,7 +287,10 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
     (args.out / "results.md").write_text(table)
+    from ip2p_jax.evaluation.shapes_edit import JUDGE_VERSION
+
     settings = dict(model=args.model, out=str(args.out), splits=args.splits, methods=args.methods)
+    settings["judge_version"] = JUDGE_VERSION
     settings["config"], settings["foi"] = args.config.to_dict(), dataclasses.asdict(foi_config)
     record = {"settings": settings, "results": results, "per_example": per_example}
     (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")

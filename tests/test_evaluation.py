@@ -131,3 +131,18 @@ def test_generated_pair_judgement_tells_a_done_edit_from_an_undone_one():
     assert generated_pair_judgement(source, source, scene, Edit("reshape", "circle", "diamond")) == {"judged": False}
     twins = Scene("gray", False, (scene.objects[0], ShapeObject("square", "red", 44, 44, 9)))
     assert generated_pair_judgement(source, source, twins, recolour) == {"judged": False}
+
+
+def test_a_reshape_needs_the_new_shape_and_the_old_one_gone():
+    """Judge version 2: a square turned into a circle of the same centre and size (the circle covers most of the
+    square). The unedited picture agrees on more than 70 % of the union of both shapes, yet fails: the square's own
+    corners must become background. The circle drawn over the unchanged square fails too; the ground truth passes."""
+    square = shapes.ShapeObject("square", "green", 32, 32, 12)
+    example = shapes.make_example(shapes.Scene("gray", False, (square,)), [shapes.Edit("reshape", "square", "circle")])
+    region, target = example.regions[0], example.edited_image
+    assert evaluation.region_agreement(example.input_image, target, region) >= evaluation.SUCCESS_AGREEMENT
+    assert not evaluation.edit_success(example.input_image, target, region)
+    circle_over_square = example.input_image.copy()
+    circle_over_square[shapes.ShapeObject("circle", "green", 32, 32, 12).mask()] = shapes.OBJECT_COLOURS["green"]
+    assert not evaluation.edit_success(circle_over_square, target, region)
+    assert evaluation.edit_success(target, target, region)

@@ -1,9 +1,12 @@
 """Judging edits against ShapesEdit's ground truth, from pixels (``evaluate.py`` runs them over the test splits).
 
-* **Edit success** of one instruction: at least ``SUCCESS_AGREEMENT`` of the pixels of its ground-truth region
-  have, in the edited output, the palette colour (``shapes.classify_pixels``) they have in the ground-truth edited
-  picture: the object has the instructed colour, the new shape stands where it should and the old one is gone, a
-  removed object's pixels are background, the background has its new colour.
+* **Edit success** of one instruction: within its ground-truth region, for each palette colour
+  (``shapes.classify_pixels``) of the ground-truth edited picture there, at least ``SUCCESS_AGREEMENT`` of the
+  pixels of that colour have it in the edited output: the object has the instructed colour, a removed object's
+  pixels are background, the background has its new colour, and for a reshape *both* the new shape's pixels have
+  the object's colour and the old shape's own pixels have become background. (Judge version 1, before
+  ``JUDGE_VERSION`` 2, took one agreement over the whole region, and an unedited picture passed the reshapes
+  whose old and new shapes overlap by 70 % or more.)
 * **Preservation**: outside the union of the regions, the output against the *input*: mean absolute change in
   levels of 255 (averaged over pixels and channels) and PSNR in dB.
 * **Mask IoU** of a predicted mask (FoI's, at its own resolution) against a ground-truth region brought to that
@@ -33,6 +36,7 @@ import numpy as np
 from ip2p_jax.data.shapes import BACKGROUND_COLOURS, OBJECT_COLOURS, PALETTE, Edit, Scene, classify_pixels
 
 SUCCESS_AGREEMENT = 0.7  # fixed before any model was evaluated
+JUDGE_VERSION = 2  # of edit_success; recorded with every evaluation (1: one agreement over the region)
 PRESENCE_FRACTION = 0.3  # fixed before any generated scene was judged
 OUTSIDE_MARGIN = 2  # pixels; fixed before any generated pair was judged
 
@@ -45,8 +49,14 @@ def region_agreement(output: np.ndarray, target: np.ndarray, region: np.ndarray)
 
 
 def edit_success(output: np.ndarray, target: np.ndarray, region: np.ndarray) -> bool:
-    """Whether ``output`` carries out the instruction whose ground truth is ``target`` in ``region``."""
-    return region_agreement(output, target, region) >= SUCCESS_AGREEMENT
+    """Whether ``output`` carries out the instruction whose ground truth is ``target`` in ``region``: each palette
+    colour of ``target`` in the region agrees on at least ``SUCCESS_AGREEMENT`` of its pixels (one colour for a
+    recolouring, a removal or a background; the object's and the background's for a reshape)."""
+    if not region.any():
+        raise ValueError("an empty region cannot be judged")
+    wanted = classify_pixels(target[region])
+    agrees = classify_pixels(output[region]) == wanted
+    return all(np.mean(agrees[wanted == colour]) >= SUCCESS_AGREEMENT for colour in np.unique(wanted))
 
 
 def outside_change(output: np.ndarray, source: np.ndarray, mask: np.ndarray) -> float:
