@@ -145,14 +145,17 @@ class _SizeGroup:
       prompts: IP2P: the images' instructions; ``None`` for FoI.
       tokens: FoI: each image's ``foi.InstructionTokens`` (composite prompt ids, token owners, keyword weights, in
         the call's ``K`` sub-instruction slots); ``None`` for IP2P.
+        ``foi.BranchTokens`` in the per-instruction mode.
       counts: FoI: each image's number of sub-instructions, ``k <= K``; ``None`` for IP2P.
+      masks: FoI with ``masks=``: each image's ``(k, H, W)`` float32 masks as given; else ``None``.
     """
 
     indices: list[int]
     pixels: np.ndarray
     prompts: list[str] | None
-    tokens: list[foi_lib.InstructionTokens] | None
+    tokens: list[foi_lib.InstructionTokens] | list[foi_lib.BranchTokens] | None
     counts: list[int] | None
+    masks: list[np.ndarray] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -313,6 +316,7 @@ class InstructPix2PixPipeline:
         foi: FoIConfig | None = None,
         guidance_rescale: float = 0.0,
         attention: AttentionRecording | None = None,
+        masks: Sequence | np.ndarray | None = None,
     ) -> EditOutput:
         """Edits each image by its instruction (IP2P), or by its list of sub-instructions (FoI).
 
@@ -341,8 +345,13 @@ class InstructPix2PixPipeline:
           attention: IP2P: also return each image's cross-attention token maps (``EditOutput.attention``) over the
             layers and steps it names; a level without cross-attention layers is a ``ValueError``. FoI returns each
             keyword's map with its mask instead.
+          masks: FoI: masks to use instead of those FoI cuts from attention: per image a ``(k, H, W)`` array of 0 / 1
+            (bool, or integers or floats that are 0 or 1) at the image's size, one per sub-instruction (one array
+            for one image). Brought to the mask resolution as FoI resizes masks (``foi.resize_masks``: a cell is
+            inside when any of its area is). The masks returned are these.
         """
         images, prompts, per_image, foi = _images_and_instructions(image, prompt, instructions, foi)
+        given_masks = _given_masks(masks, images, per_image)
         call = self._settle(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
@@ -357,7 +366,7 @@ class InstructPix2PixPipeline:
             guidance_rescale=guidance_rescale,
             attention=attention,
         )
-        groups = self._group_by_size(images, prompts, per_image, call)
+        groups = self._group_by_size(images, prompts, per_image, call, given_masks)
         if call.foi is not None:
             self._check_foi(call.foi, call.settings, [group.size for group in groups])
         # Everything that can be wrong with a call has been found by now, before anything is encoded or compiled.
@@ -366,7 +375,7 @@ class InstructPix2PixPipeline:
         for group in groups:
             image_latents, context = self._encode(group)
             inputs = self._sampler_inputs(call, group, image_latents, context, null_context)
-            edited_latents, group_extras = self._sample(call, group, inputs)
+            edited_latents, group_extras = self._sample(call, group, inputs, context)
             for i, picture, extra in zip(group.indices, self.decode_latents(edited_latents), group_extras, strict=True):
                 pictures[i], extras[i] = picture, extra
         return _edit_output(call, pictures, extras)
@@ -397,6 +406,8 @@ class InstructPix2PixPipeline:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
         if attention is not None and foi is not None:
             raise ValueError("attention= records IP2P edits; FoI returns each keyword's map in masks[i]['attention']")
+        if guidance_rescale > 0.0 and foi is not None and foi.text_branches == "per_instruction":
+            raise ValueError("guidance_rescale is not defined for FoI's per_instruction text branches (set it to 0)")
         if attention is not None and attention.level not in self.unet.config.cross_attention_levels():
             levels = self.unet.config.cross_attention_levels()
             raise ValueError(f"attention level {attention.level}: the UNet has cross-attention at levels {levels}")
@@ -429,15 +440,19 @@ class InstructPix2PixPipeline:
         prompts: list[str],
         per_image: list[list[foi_lib.SubInstruction]] | None,
         call: _EditCall,
+        given_masks: list[np.ndarray] | None = None,
     ) -> list[_SizeGroup]:
         """The call's images as batches of one size, in order of each size's first image: FoI's sub-instructions
-        tokenised (``foi.instruction_tokens``, ``K`` slots for the call's most sub-instructions), each image
-        preprocessed to ``(H, W, 3)`` float32 in [-1, 1] (``preprocess``), and grouped by that shape. ``latents=``
-        with images of more than one size is a ``ValueError``."""
+        tokenised (``foi.instruction_tokens``, or ``foi.branch_tokens`` per sub-instruction in the per-instruction
+        mode; ``K`` slots for the call's most sub-instructions), each image preprocessed to ``(H, W, 3)`` float32
+        in [-1, 1] (``preprocess``), and grouped by that shape. ``latents=`` with images of more than one size is a
+        ``ValueError``."""
         tokens = None
         if per_image is not None:
             slots = max(len(subs) for subs in per_image)
-            tokens = [foi_lib.instruction_tokens(self.tokenizer, subs, slots) for subs in per_image]
+            per_branch = call.foi.text_branches == "per_instruction"
+            tokenise = foi_lib.branch_tokens if per_branch else foi_lib.instruction_tokens
+            tokens = [tokenise(self.tokenizer, subs, slots) for subs in per_image]
         pixels = [preprocess(im, self.vae_scale_factor) for im in images]
         by_shape = defaultdict(list)
         for index, x in enumerate(pixels):
@@ -451,6 +466,7 @@ class InstructPix2PixPipeline:
                 prompts=[prompts[i] for i in indices] if tokens is None else None,
                 tokens=None if tokens is None else [tokens[i] for i in indices],
                 counts=None if per_image is None else [len(per_image[i]) for i in indices],
+                masks=None if given_masks is None else [given_masks[i] for i in indices],
             )
             for indices in by_shape.values()
         ]
@@ -462,7 +478,11 @@ class InstructPix2PixPipeline:
         image_latents = self.encode_image(group.pixels)
         if group.tokens is None:
             return image_latents, self.encode_prompt(group.prompts)
-        return image_latents, self._encode_ids(np.stack([t.ids for t in group.tokens]))
+        ids = np.stack([t.ids for t in group.tokens])
+        if ids.ndim == 2:
+            return image_latents, self._encode_ids(ids)
+        # per-instruction mode: (n, K, 77) -> (n, K, 77, D), each sub-instruction alone
+        return image_latents, self._encode_ids(ids.reshape(-1, ids.shape[-1])).reshape(*ids.shape, -1)
 
     def _sampler_inputs(
         self, call: _EditCall, group: _SizeGroup, image_latents: jax.Array, context: jax.Array, null_context: jax.Array
@@ -474,6 +494,8 @@ class InstructPix2PixPipeline:
         n = len(group.indices)
         fill = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (n,))  # noqa: E731
         base_key = jax.random.key(call.seed)
+        if context.ndim == 4:  # per-instruction mode: the sampler reads the slots' contexts (FoIInputs.contexts)
+            context = context[:, 0]
         return SamplerInputs(
             image_latents=image_latents,
             context=context,
@@ -485,11 +507,14 @@ class InstructPix2PixPipeline:
             guidance_rescale=None if call.guidance_rescale is None else fill(call.guidance_rescale),
         )
 
-    def _sample(self, call: _EditCall, group: _SizeGroup, inputs: SamplerInputs) -> tuple[jax.Array, list]:
-        """Runs a group's sampler (``sampler`` for IP2P, ``foi_sampler`` with the group's ``foi.FoIInputs`` for FoI)
-        through ``_run``. Returns the edited latents ``(n, h, w, 4)``, scaled, and per image what the edit returns
-        besides its picture: FoI's masks (``_foi_masks``), IP2P's ``(mh, mw, T)`` token maps with ``attention=``,
-        else ``None``."""
+    def _sample(
+        self, call: _EditCall, group: _SizeGroup, inputs: SamplerInputs, context: jax.Array
+    ) -> tuple[jax.Array, list]:
+        """Runs a group's sampler (``sampler`` for IP2P, ``foi_sampler`` with the group's ``foi.FoIInputs`` for FoI:
+        its tokens, the slots' own ``(n, K, 77, D)`` contexts in the per-instruction mode, the masks given) through
+        ``_run``. Returns the edited latents ``(n, h, w, 4)``, scaled, and per image what the edit returns besides
+        its picture: FoI's masks (``_foi_masks``), IP2P's ``(mh, mw, T)`` token maps with ``attention=``, else
+        ``None``."""
         n = len(group.indices)
         height, width = group.size
         description = f"{'FoI' if call.foi else 'IP2P'}: {n} image(s) of {width}x{height}"
@@ -500,13 +525,22 @@ class InstructPix2PixPipeline:
                 return out, [None] * n
             edited_latents, token_maps = out
             return edited_latents, list(np.asarray(token_maps))
+        latent_size = tuple(inputs.image_latents.shape[1:3])
+        masks = None
+        if group.masks is not None:  # each image's (k, H, W) at the mask resolution, in K slots
+            size, slots = foi_lib.mask_size(latent_size, call.foi.mask_downsample), group.tokens[0].valid.shape[0]
+            masks = jnp.zeros((n, slots, *size), jnp.float32)
+            for row, given in enumerate(group.masks):
+                masks = masks.at[row, : len(given)].set(foi_lib.resize_masks(jnp.asarray(given)[None], size)[0])
         foi_inputs = FoIInputs(
             keyword_weights=jnp.stack([t.keyword_weights for t in group.tokens]),
             owner=jnp.stack([t.owner for t in group.tokens]),
             token_alpha=jnp.stack([t.token_alpha for t in group.tokens]),
             valid=jnp.stack([t.valid for t in group.tokens]),
+            contexts=context if context.ndim == 4 else None,
+            masks=masks,
         )
-        sampler = self.foi_sampler(call.settings, call.foi, tuple(inputs.image_latents.shape[1:3]), call.progress)
+        sampler = self.foi_sampler(call.settings, call.foi, latent_size, call.progress)
         edited_latents, masks, keyword_maps = self._run(
             sampler, call.settings, (inputs, foi_inputs), n, call.progress, description
         )
@@ -621,6 +655,34 @@ def _images_and_instructions(
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} instructions")
     return images, prompts, per_image, foi
+
+
+def _given_masks(masks, images: list[ImageLike], per_image) -> list[np.ndarray] | None:
+    """``masks=`` checked against the call: FoI only, one ``(k, H, W)`` array of 0 / 1 per image (``k`` its number
+    of sub-instructions, ``(H, W)`` its size); as float32 arrays, or ``None`` when none are given."""
+    if masks is None:
+        return None
+    if per_image is None:
+        raise ValueError("masks= are FoI's: give them with instructions=")
+    if isinstance(masks, np.ndarray) and masks.ndim == 3:
+        masks = [masks]
+    masks = list(masks)
+    if len(masks) != len(images):
+        raise ValueError(f"masks=: {len(masks)} mask arrays for {len(images)} images (one (k, H, W) array per image)")
+    checked = []
+    for index, (given, image, subs) in enumerate(zip(masks, images, per_image, strict=True)):
+        given = np.asarray(given)
+        height, width = to_rgb_array(image).shape[:2]
+        expected = (len(subs), height, width)
+        if given.shape != expected:
+            raise ValueError(
+                f"masks= of image {index}: expected shape {expected} (one mask per sub-instruction at the image's "
+                f"size), got {given.shape}"
+            )
+        if given.dtype != bool and not (np.issubdtype(given.dtype, np.number) and np.isin(given, (0, 1)).all()):
+            raise ValueError(f"masks= of image {index}: values must be 0 or 1 (bool, uint8, ...), got {given.dtype}")
+        checked.append(given.astype(np.float32))
+    return checked
 
 
 def _foi_masks(latent_masks_khw: np.ndarray, keyword_maps_khw: np.ndarray, count: int, size: tuple[int, int]) -> dict:

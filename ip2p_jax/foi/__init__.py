@@ -6,6 +6,7 @@
   * ``modulation``: 4.2, cross-condition attention modulation ``softmax(X + dX) * M + softmax(Y) * (1 - M)``, an
     attention control;
   * ``guidance``: 4.3, decoupled guidance, the text term of IP2P's guidance restricted to the union of the masks;
+    and ours, one text branch per sub-instruction, each text term guided inside its own mask;
   * ``config``: every setting (``FoIConfig``; paper 5.1's defaults), a model folder's recommended ones, and the
     settings as a script config's ``foi`` group;
   * ``sampler``: the jitted sampler that strings them together.
@@ -14,22 +15,31 @@ The paper never released code; this is the project's reading of it, stated in ``
 paper's words. The names below are the package's public ones.
 """
 
-from ip2p_jax.foi.config import FOI_CONFIG, FoIConfig, foi_config, foi_settings
-from ip2p_jax.foi.guidance import decoupled_text_mask, in_decoupled_window
+from ip2p_jax.foi.config import FOI_CONFIG, TEXT_BRANCHES, FoIConfig, foi_config, foi_settings
+from ip2p_jax.foi.guidance import (
+    branch_text_masks,
+    decoupled_text_mask,
+    in_decoupled_window,
+    per_instruction_guidance,
+)
 from ip2p_jax.foi.instructions import (
     SEPARATOR,
+    BranchTokens,
     InstructionError,
     InstructionTokens,
     SubInstruction,
+    branch_tokens,
     composite_prompt,
     instruction_tokens,
 )
 from ip2p_jax.foi.masks import (
+    branch_keyword_maps,
     draw_tau,
     extract_masks,
     gaussian_filter,
     keyword_maps,
     mask_size,
+    masks_from_keyword_maps,
     min_max,
     resize_masks,
     sharpen,
@@ -41,12 +51,17 @@ from ip2p_jax.foi.sampler import FoIInputs, make_foi_sampler
 __all__ = [
     "FOI_CONFIG",
     "SEPARATOR",
+    "TEXT_BRANCHES",
+    "BranchTokens",
     "FoIConfig",
     "FoIInputs",
     "FoIModulation",
     "InstructionError",
     "InstructionTokens",
     "SubInstruction",
+    "branch_keyword_maps",
+    "branch_text_masks",
+    "branch_tokens",
     "composite_prompt",
     "decoupled_text_mask",
     "draw_tau",
@@ -59,8 +74,10 @@ __all__ = [
     "keyword_maps",
     "make_foi_sampler",
     "mask_size",
+    "masks_from_keyword_maps",
     "min_max",
     "modulated_probs",
+    "per_instruction_guidance",
     "resize_masks",
     "sharpen",
     "token_masks",

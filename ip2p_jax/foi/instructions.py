@@ -141,3 +141,54 @@ def instruction_tokens(
         keyword_weights[index] /= keyword_weights[index].sum()
     valid = np.arange(slots) < len(instructions)
     return InstructionTokens(ids, keyword_weights, owner, token_alpha, valid)
+
+
+@struct.dataclass
+class BranchTokens:
+    """The token-level view of one edit whose sub-instructions each have a text branch of their own
+    (``FoIConfig.text_branches = "per_instruction"``): each sub-instruction tokenised alone, as the single
+    instruction of an edit (``K`` slots, ``T`` = 77 tokens).
+
+    Attributes:
+      ids: ``(K, T)`` int32, each sub-instruction's prompt, padded; padded slots hold the empty prompt.
+      keyword_weights: ``(K, T)`` float32; row ``i`` averages sub-instruction ``i``'s keyword tokens in its own
+        prompt.
+      owner: ``(K, T)`` float32, 1 at the tokens of sub-instruction ``i``'s text in its own prompt.
+      token_alpha: ``(K, T)`` float32, sub-instruction ``i``'s alpha at those tokens, 0 elsewhere.
+      valid: ``(K,)`` bool, which slots hold a sub-instruction.
+    """
+
+    ids: np.ndarray
+    keyword_weights: np.ndarray
+    owner: np.ndarray
+    token_alpha: np.ndarray
+    valid: np.ndarray
+
+
+def branch_tokens(tokenizer, instructions: Sequence[SubInstruction], slots: int | None = None) -> BranchTokens:
+    """Each sub-instruction tokenised alone (``instruction_tokens`` of a one-instruction edit): its prompt has no
+    composite limit beyond each sub-instruction's own 77 tokens.
+
+    Raises:
+      InstructionError: as ``instruction_tokens`` for any sub-instruction, or more sub-instructions than slots.
+    """
+    if not instructions:
+        raise InstructionError("an FoI edit needs at least one sub-instruction")
+    slots = len(instructions) if slots is None else slots
+    if slots < len(instructions):
+        raise InstructionError(f"{len(instructions)} sub-instructions do not fit in {slots} slots")
+    length = tokenizer.model_max_length
+    empty = np.asarray(tokenizer("", padding="max_length", max_length=length).input_ids, np.int32)
+    ids = np.tile(empty, (slots, 1))
+    keyword_weights, owner, token_alpha = (np.zeros((slots, length), np.float32) for _ in range(3))
+    for index, instruction in enumerate(instructions):
+        try:
+            alone = instruction_tokens(tokenizer, [instruction])
+        except InstructionError as error:  # (its message names slot 0 of a one-instruction edit)
+            message = str(error).replace("sub-instruction 0", f"sub-instruction {index}", 1)
+            raise InstructionError(
+                message.replace("the composite prompt", f"sub-instruction {index}'s prompt")
+            ) from None
+        ids[index], keyword_weights[index] = alone.ids, alone.keyword_weights[0]
+        owner[index], token_alpha[index] = alone.owner[:, 0], alone.token_alpha
+    return BranchTokens(ids, keyword_weights, owner, token_alpha, np.arange(slots) < len(instructions))

@@ -56,6 +56,12 @@ def keyword_maps(maps_bhwt: jax.Array, keyword_weights_bkt: jax.Array) -> jax.Ar
     return jnp.einsum("bhwt,bkt->bkhw", maps_bhwt, keyword_weights_bkt)
 
 
+def branch_keyword_maps(maps_kbhwt: jax.Array, keyword_weights_bkt: jax.Array) -> jax.Array:
+    """The per-instruction mode's keyword maps: sub-instruction ``i``'s keyword read in its own text branch's maps.
+    ``(K, B, h, w, T)`` (branch first), ``(B, K, T)`` -> ``(B, K, h, w)``."""
+    return jnp.einsum("kbhwt,bkt->bkhw", maps_kbhwt, keyword_weights_bkt)
+
+
 def extract_masks(
     maps_bhwt: jax.Array,
     keyword_weights_bkt: jax.Array,
@@ -77,8 +83,23 @@ def extract_masks(
     Returns:
       ``(B, K, h, w)`` float32 masks of 0 and 1.
     """
-    batch, slots = keyword_weights_bkt.shape[:2]
     maps = keyword_maps(maps_bhwt.astype(jnp.float32), keyword_weights_bkt)
+    return masks_from_keyword_maps(maps, valid_bk, tau_b, gamma, filter_size, filter_sigma)
+
+
+def masks_from_keyword_maps(
+    maps_bkhw: jax.Array,
+    valid_bk: jax.Array,
+    tau_b: jax.Array,
+    gamma: int = 3,
+    filter_size: int = 3,
+    filter_sigma: float = 0.5,
+) -> jax.Array:
+    """``extract_masks`` from the keyword maps ``A[e_i]`` ``(B, K, h, w)`` (``keyword_maps``, or each
+    sub-instruction's own text branch's in the per-instruction mode): filter, sharpen, threshold; ``(B, K, h, w)``
+    float32 masks of 0 and 1, empty in padded slots."""
+    batch, slots = maps_bkhw.shape[:2]
+    maps = maps_bkhw.astype(jnp.float32)
     flat = maps.reshape(batch * slots, *maps.shape[2:])
     flat = sharpen(gaussian_filter(flat, filter_size, filter_sigma), gamma)
     sharpened = flat.reshape(maps.shape)

@@ -56,17 +56,22 @@ def modulated_probs(
 class FoIModulation(AttentionControl):
     """Cross-condition attention modulation (paper 4.2) in every cross-attention layer, as an attention control.
 
-    The UNet batch is the guidance batch ``[text+image, image only, none]`` of ``B`` images each. Only the
-    text+image branch changes: its output is ``inside @ V_own + outside @ V_outside``, where ``V_outside`` is its
-    own values (``outside_values="own"``, the default reading) or the image-only branch's (``"image_only"``).
+    The UNet batch is the guidance batch of ``B`` images each: ``[text+image, image only, none]``, or in the
+    per-instruction mode ``[text+image of sub-instruction 1, ..., of sub-instruction n, image only, none]``
+    (``text_branches = n``). Only the text+image branches change: each one's output is
+    ``inside @ V_own + outside @ V_outside``, with ``Y`` the image-only branch's scores and ``V_outside`` the
+    branch's own values (``outside_values="own"``, the default reading) or the image-only branch's
+    (``"image_only"``). Every array below is per text branch, branch-major (``n B`` rows).
 
     Attributes:
-      masks: ``(B, K, h, w)`` sub-instruction masks at the mask resolution.
-      owner: ``(B, T, K)`` one-hot token owners.
-      token_alpha: ``(B, T)`` per-token alpha.
+      masks: ``(n B, K, h, w)`` sub-instruction masks at the mask resolution (per-instruction mode: ``K = 1``,
+        the branch's own mask).
+      owner: ``(n B, T, K)`` one-hot token owners.
+      token_alpha: ``(n B, T)`` per-token alpha.
       xi_t: scalar ``xi(t)`` of this step.
       active: scalar bool; ``False`` leaves every branch plain (after ``modulation_stop``).
       outside_values: ``"own"`` or ``"image_only"`` (static).
+      text_branches: ``n`` (static).
     """
 
     masks: jax.Array
@@ -75,20 +80,27 @@ class FoIModulation(AttentionControl):
     xi_t: jax.Array
     active: jax.Array
     outside_values: str = struct.field(pytree_node=False, default="own")
+    text_branches: int = struct.field(pytree_node=False, default=1)
 
     def replaces_output(self, layer: LayerInfo) -> bool:
         return True
 
     def output(self, q_bqnd, k_bknd, v_bknd, layer: LayerInfo):
         scores_bnqk = attention_scores(q_bqnd, k_bknd)
-        batch = self.masks.shape[0]
-        x, y = scores_bnqk[:batch], scores_bnqk[batch : 2 * batch]
+        rows = self.masks.shape[0]  # n B text+image rows, then the image-only branch's B
+        images = rows // self.text_branches
+
+        def image_only(x):  # the image-only branch's rows, once per text branch
+            x = x[rows : rows + images]
+            return x if self.text_branches == 1 else jnp.tile(x, (self.text_branches,) + (1,) * (x.ndim - 1))
+
+        x, y = scores_bnqk[:rows], image_only(scores_bnqk)
         plain = combine_values(jax.nn.softmax(scores_bnqk, axis=-1), v_bknd)
-        masks = resize_masks(self.masks, layer.size).reshape(batch, self.masks.shape[1], -1)
+        masks = resize_masks(self.masks, layer.size).reshape(rows, self.masks.shape[1], -1)
         mask = token_masks(masks, self.owner)
         inside, outside = modulated_probs(x, y, mask, self.token_alpha, self.xi_t)
-        v_own = v_bknd[:batch]
-        v_outside = v_own if self.outside_values == "own" else v_bknd[batch : 2 * batch]
+        v_own = v_bknd[:rows]
+        v_outside = v_own if self.outside_values == "own" else image_only(v_bknd)
         modulated = combine_values(inside, v_own) + combine_values(outside, v_outside)
-        text_branch = jnp.where(self.active, modulated, plain[:batch])
-        return jnp.concatenate([text_branch, plain[batch:]]), None
+        text_branches = jnp.where(self.active, modulated, plain[:rows])
+        return jnp.concatenate([text_branches, plain[rows:]]), None

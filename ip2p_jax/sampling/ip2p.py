@@ -120,14 +120,19 @@ def start_latents(settings: SamplerSettings, schedule, inputs: SamplerInputs) ->
     return scheduler.add_noise(schedule, settings.first_step, clean, noise.astype(jnp.float32))
 
 
-def ip2p_branches(inputs: SamplerInputs, dual: bool, dtype) -> tuple[list[jax.Array], list[jax.Array]]:
+def ip2p_branches(
+    inputs: SamplerInputs, dual: bool, dtype, text_contexts: list[jax.Array] | None = None
+) -> tuple[list[jax.Array], list[jax.Array]]:
     """The text and image conditionings of IP2P's guidance branches (``ip2p_jax.guidance``'s order):
-    ``[text+image, image only, none]``, or the text+image branch alone when ``dual`` is ``False``."""
+    ``[text+image, image only, none]``, or the text+image branch alone when ``dual`` is ``False``. With
+    ``text_contexts`` (``(B, 77, D)`` each; FoI's per-instruction mode), one text+image branch for each, in place of
+    ``inputs.context``'s."""
     image = inputs.image_latents.astype(dtype)
+    texts = [inputs.context] if text_contexts is None else list(text_contexts)
     if not dual:
-        return [inputs.context], [image]
+        return texts, [image] * len(texts)
     null = inputs.null_context
-    return [inputs.context, null, null], [image, image, jnp.zeros_like(image)]
+    return [*texts, null, null], [image] * (len(texts) + 1) + [jnp.zeros_like(image)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,22 +149,27 @@ class IP2PStep:
     settings: SamplerSettings
     schedule: Any
 
-    def branch_outputs(self, unet_params, inputs: SamplerInputs, sample, index, control=None):
-        """The UNet's ``(n, B, h, w, c)`` outputs on the guidance branches, and the control's aux."""
+    def branch_outputs(self, unet_params, inputs: SamplerInputs, sample, index, control=None, text_contexts=None):
+        """The UNet's ``(n, B, h, w, c)`` outputs on the guidance branches (``ip2p_branches``), and the control's
+        aux."""
         model_input = self.settings.scheduler.scale_model_input(self.schedule, index, sample)
-        contexts, images = ip2p_branches(inputs, self.settings.dual_guidance, model_input.dtype)
+        contexts, images = ip2p_branches(inputs, self.settings.dual_guidance, model_input.dtype, text_contexts)
         timestep = self.schedule.timesteps[index]
         return unet_on_branches(self.unet_apply, unet_params, model_input, timestep, contexts, images, control)
 
     def guide_and_denoise(self, inputs: SamplerInputs, carry, index, outputs, text_mask=None):
         """The guided output of the branches' ``outputs`` and the scheduler's step: ``(sample, x0)``."""
-        sample, previous_x0 = carry
         if self.settings.dual_guidance:
             guided = dual_guidance(
                 outputs, inputs.guidance_scale, inputs.image_guidance_scale, text_mask, inputs.guidance_rescale
             )
         else:
             guided = outputs[0].astype(jnp.float32)
+        return self.denoise(inputs, carry, index, guided)
+
+    def denoise(self, inputs: SamplerInputs, carry, index, guided):
+        """The scheduler's step from the guided output ``(B, h, w, c)``: ``(sample, x0)``."""
+        sample, previous_x0 = carry
         return denoise(self.settings.scheduler, self.schedule, index, sample, guided, inputs.keys, previous_x0)
 
     def __call__(self, unet_params, inputs: SamplerInputs, carry, index, control=None, text_mask=None):
