@@ -13,8 +13,12 @@ and one that succeeds there but not on the test splits fails to generalise.
 Methods, all from the same seeds (image ``i`` of a batch draws from ``fold_in(PRNGKey(seed + batch), i)``):
 ``ip2p`` (InstructPix2Pix, the composite prompt, full strength), ``ip2p_strength_0.8`` (the same entering the
 schedule where FoI does), ``foi`` (Focus on Your Instruction, each sub-instruction with its keyword) and FoI's
-ablations ``foi_no_modulation`` and ``foi_no_decoupled_guidance``; and two references that run no model, the judge's
-known answers: ``ground_truth`` (the exact edited picture) and ``input`` (the picture unedited). For each: edit
+ablations ``foi_no_modulation`` and ``foi_no_decoupled_guidance``. On request (``--config.methods``), for several
+instructions: ``foi_true_masks`` (ShapesEdit's true regions as FoI's masks: its ceiling), ``foi_per_instruction``
+and ``foi_per_instruction_true_masks`` (one text branch per sub-instruction, ``FoIConfig.text_branches``), and
+``ip2p_sequential`` and ``foi_sequential`` (one instruction at a time, each output edited by the next: the
+multi-turn baseline). And two references that run no model, the judge's known answers: ``ground_truth`` (the exact
+edited picture) and ``input`` (the picture unedited). For each: edit
 success per instruction, overall and by kind of edit (recolour, reshape, remove, background), the share of examples
 with every instruction carried out, the change outside the ground-truth region (mean absolute
 change in levels of 255, and PSNR), and for FoI the mask IoU at mask resolution
@@ -41,6 +45,15 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "models" / "shapes-ip2p"
 CONFIG = ROOT / "configs" / "evaluate.py"  # the data, methods, sampler's and FoI's settings
 METHODS = ("ip2p", "ip2p_strength_0.8", "foi", "foi_no_modulation", "foi_no_decoupled_guidance")
+# On request: FoI's ceiling with ShapesEdit's true regions as masks, one text branch per sub-instruction, and one
+# instruction at a time (each output edited by the next instruction: the multi-turn baseline).
+MULTI_METHODS = (
+    "foi_true_masks",
+    "foi_per_instruction",
+    "foi_per_instruction_true_masks",
+    "ip2p_sequential",
+    "foi_sequential",
+)
 REFERENCES = ("ground_truth", "input")  # no model: the judge's known answers
 SPLITS = ("test_single", "test_multi", "train_fit")
 DEFAULT_SPLITS = ("test_single", "test_multi")
@@ -78,8 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if split not in SPLITS:
             parser.error(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
     for method in args.methods:
-        if method not in METHODS + REFERENCES:
-            parser.error(f"unknown method {method!r} (one of {', '.join(METHODS + REFERENCES)})")
+        if method not in METHODS + MULTI_METHODS + REFERENCES:
+            known = ", ".join(METHODS + MULTI_METHODS + REFERENCES)
+            parser.error(f"unknown method {method!r} (one of {known})")
     if config.data.limit is not None and config.data.limit < 1:
         parser.error("--config.data.limit must be at least 1")
     if config.sample.steps < 1 or config.sample.batch < 1:
@@ -127,6 +141,8 @@ def edit_batch(pipe, method: str, foi_config, examples: list[dict], args, seed: 
     if method in REFERENCES:
         key = "edited_image" if method == "ground_truth" else "input_image"
         return np.stack([e[key] for e in examples]).astype(np.float64), [None] * len(examples)
+    if method.endswith("_sequential"):
+        return sequential_edits(pipe, method, foi_config, examples, common)
     if method.startswith("ip2p"):
         strength = foi_config.strength if method == "ip2p_strength_0.8" else 1.0
         out = pipe(images, [e["instruction"] for e in examples], strength=strength, **common)
@@ -136,9 +152,34 @@ def edit_batch(pipe, method: str, foi_config, examples: list[dict], args, seed: 
         config = dataclasses.replace(config, modulation=False)
     elif method == "foi_no_decoupled_guidance":
         config = dataclasses.replace(config, decoupled_guidance=False)
+    elif method.startswith("foi_per_instruction"):
+        config = dataclasses.replace(config, text_branches="per_instruction")
+    masks = [e["regions"] for e in examples] if method.endswith("_true_masks") else None
     instructions = [list(zip(e["instructions"], e["keywords"], strict=True)) for e in examples]
-    out = pipe(images, instructions=instructions, foi=config, **common)
+    out = pipe(images, instructions=instructions, foi=config, masks=masks, **common)
     return np.asarray(out.images) * 255.0, [m["latent"] for m in out.masks]
+
+
+def sequential_edits(pipe, method: str, foi_config, examples: list[dict], common: dict) -> tuple[np.ndarray, list]:
+    """One instruction at a time: pass ``k`` edits each example that has a ``k``-th instruction, starting from the
+    previous pass's picture (rounded to uint8 as a saved picture would be), by IP2P at full strength or FoI with that
+    sub-instruction alone. FoI's masks are each pass's own, stacked ``(K, h, w)``."""
+    pictures = [e["input_image"] for e in examples]
+    masks = [[] for _ in examples]
+    for k in range(max(len(e["instructions"]) for e in examples)):
+        rows = [i for i, e in enumerate(examples) if k < len(e["instructions"])]
+        images = [pictures[i] for i in rows]
+        if method == "ip2p_sequential":
+            out = pipe(images, [examples[i]["instructions"][k] for i in rows], strength=1.0, **common)
+        else:
+            subs = [[(examples[i]["instructions"][k], examples[i]["keywords"][k])] for i in rows]
+            out = pipe(images, instructions=subs, foi=foi_config, **common)
+        for position, i in enumerate(rows):
+            pictures[i] = (np.asarray(out.images[position]) * 255.0).round().clip(0, 255).astype(np.uint8)
+            if out.masks is not None:
+                masks[i].append(out.masks[position]["latent"][0])
+    found = [np.stack(m) if m else None for m in masks]
+    return np.stack(pictures).astype(np.float64), found
 
 
 def judge(example: dict, output: np.ndarray, masks) -> dict:

@@ -397,3 +397,65 @@ def test_a_batch_smaller_than_the_grid(tmp_path_factory, data_dir):
     assert record["results"]["test_single"]["foi"]["examples"] == 3
     grid = np.asarray(Image.open(out / "examples.png"))
     assert grid.shape[0] == 2 * 64 * 3  # the first batch's two examples, 64 px enlarged 3x
+
+
+class FakeMultiPipeline:
+    """Answers the multi-instruction methods as a perfect editor would: each call's pictures are looked up among the
+    small test splits' inputs and the pictures it has returned before, each instruction asked for is carried out
+    exactly on its own region (in order: a sequential pass must start from the previous pass's picture), and FoI
+    returns the true masks, after checking that masks given are the true regions. Records every call."""
+
+    def __init__(self):
+        self.known = {key: (example, 0) for key, (_, _, example) in EXAMPLES.items()}
+        self.calls = []
+
+    def __call__(self, image, prompt=None, *, strength=None, instructions=None, foi=None, masks=None, **common):
+        found = [self.known[np.asarray(picture).tobytes()] for picture in image]
+        texts = list(prompt) if instructions is None else [[text for text, _ in subs] for subs in instructions]
+        self.calls.append(dict(texts=texts, foi=foi, masks=masks, strength=strength))
+        size = mask_size(LATENT, foi.mask_downsample) if foi else None
+        pictures, out_masks = [], []
+        for position, ((example, done), picture) in enumerate(zip(found, image, strict=True)):
+            asked = [texts[position]] if isinstance(texts[position], str) else texts[position]
+            assert asked == [e.instruction for e in example.edits[done : done + len(asked)]], (asked, done)
+            edited = np.asarray(picture).copy()
+            for k in range(done, done + len(asked)):
+                edited[example.regions[k]] = example.edited_image[example.regions[k]]
+            if masks is not None:
+                np.testing.assert_array_equal(masks[position], example.regions)
+            self.known[edited.tobytes()] = (example, done + len(asked))
+            pictures.append(edited)
+            regions = example.regions[done : done + len(asked)]
+            out_masks.append({"latent": true_masks(SimpleNamespace(regions=regions), size) if foi else None})
+        return SimpleNamespace(images=np.stack(pictures) / 255.0, masks=out_masks if foi else None)
+
+
+def test_the_multi_instruction_methods(tmp_path_factory, data_dir):
+    """A perfect editor reaches 100 % with no change outside by every multi-instruction method: the true regions
+    reach FoI as its masks, the per-instruction methods set ``text_branches``, and the sequential methods edit one
+    instruction a pass, each pass from the last one's picture (test_multi has up to three)."""
+    model = tmp_path_factory.mktemp("fake-model")
+    (model / "foi_config.json").write_text(json.dumps(MODEL_FOI))
+    out = tmp_path_factory.mktemp("evaluation")
+    fake = FakeMultiPipeline()
+    argv = ["--model", str(model), "--config.data.dataset=shapes_edit/small", f"--config.data.data_dir={data_dir}"]
+    argv += ["--out", str(out), f"--config.data.limit={LIMIT}", f"--config.sample.batch={BATCH}"]
+    argv += ["--config.data.splits=test_multi", "--config.methods=" + ",".join(evaluate.MULTI_METHODS)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InstructPix2PixPipeline, "from_pretrained", classmethod(lambda cls, path, **kw: fake))
+        assert evaluate.main(argv) == 0
+    record = json.loads((out / "results.json").read_text())
+    for method in evaluate.MULTI_METHODS:
+        summary = record["results"]["test_multi"][method]
+        assert summary["all_success"] == 1.0 and summary["outside_change"] == 0.0, method
+        if method.startswith("foi"):
+            assert summary["mask_iou"] == 1.0, method
+    per_instruction = [c for c in fake.calls if c["foi"] is not None and c["foi"].text_branches == "per_instruction"]
+    assert len(per_instruction) == 2 * 2  # two methods, two batches
+    assert sum(c["masks"] is not None for c in fake.calls) == 2 * 2  # the two true-mask methods
+    ip2p_passes = [c for c in fake.calls if c["foi"] is None]
+    foi_passes = [c for c in fake.calls if c["foi"] == FoIConfig.for_model(model) and c["masks"] is None]
+    assert all(len(texts) == 1 for c in foi_passes for texts in c["texts"])
+    assert len(ip2p_passes) == len(foi_passes) >= 2 * 2  # at least two passes of each of the two batches
+    assert any(len(c["texts"]) < BATCH for c in ip2p_passes[:-1]), "a pass that skips examples with fewer"
+    assert max(len(e.edits) for e in (example("test_multi", i) for i in range(LIMIT))) == 3
