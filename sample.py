@@ -10,6 +10,10 @@ keyword "-" means none), with a comparison grid (input | each mask over the inpu
     python sample.py --image in.png --instruction "make the sky blue" --keyword sky \
         --instruction "turn the cat into a dog" --keyword cat --out out.png --compare
 
+Each instruction may bring its own mask instead of the one FoI cuts from attention (``--mask``, a black-and-white
+picture at the image's size, white where the edit goes; one per --instruction), and each sub-instruction may have a
+text branch of its own (``--config.foi.text_branches=per_instruction``, docs/foi.md).
+
 A batch from a JSONL manifest, one ``{"image": ..., "instruction": ..., "out": ...}`` per line, or with
 ``"instructions": [{"text": ..., "keyword": ..., "alpha": ...}, ...]`` for FoI (paths relative to the manifest),
 spread over all devices:
@@ -91,6 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--instruction", action="append", help="an edit instruction (repeat for several)")
     parser.add_argument("--keyword", action="append", help="FoI: the region word of each instruction, in order")
     parser.add_argument("--alpha", action="append", type=float, help="FoI: attention boost of each instruction")
+    parser.add_argument(
+        "--mask",
+        action="append",
+        type=Path,
+        help="FoI: a black-and-white picture at the image's size, white where each instruction edits (one per "
+        "--instruction), used instead of FoI's own masks",
+    )
     parser.add_argument("--out", type=Path, help="output image path")
     parser.add_argument("--manifest", type=Path, help="JSONL file of edits (instead of --image/--instruction/--out)")
     parser.add_argument(
@@ -156,10 +167,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if sample.dtype not in ("float32", "bfloat16"):
         parser.error(f"--config.sample.dtype must be float32 or bfloat16, got {sample.dtype!r}")
     count = len(args.instruction or [])
-    for name in ("keyword", "alpha"):
+    for name in ("keyword", "alpha", "mask"):
         given = getattr(args, name)
         if given is not None and len(given) != count:
             parser.error(f"give one --{name} per --instruction ({len(given)} for {count})")
+    if args.mask is not None and args.foi is False:
+        parser.error("--mask is FoI's; it cannot go with --no-foi")
     from ip2p_jax.foi import foi_config
 
     # A single file has no foi_config.json beside it; its config folder may.
@@ -193,6 +206,26 @@ def sub_instructions(texts, keywords=None, alphas=None) -> list:
         SubInstruction(text, None if keyword in (None, "-") else keyword, float(alpha))
         for text, keyword, alpha in zip(texts, keywords, alphas, strict=True)
     ]
+
+
+def read_masks(paths: list[Path], image: Image.Image):
+    """``--mask`` files as one ``(k, H, W)`` bool array (white, above half brightness, is inside); each must be a
+    readable picture of the image's size."""
+    import numpy as np
+
+    masks = []
+    for path in paths:
+        try:
+            with Image.open(path) as picture:
+                mask = np.asarray(picture.convert("L")) > 127
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"cannot read {path} ({error})") from None
+        if mask.shape != (image.height, image.width):
+            raise ValueError(
+                f"{path} is {mask.shape[1]} x {mask.shape[0]} px, the image {image.width} x {image.height} px"
+            )
+        masks.append(mask)
+    return np.stack(masks)
 
 
 def read_manifest(path: Path) -> tuple[list[EditItem], list[str]]:
@@ -323,14 +356,24 @@ def main(argv=None) -> int:
             return 1
     use_foi = args.foi
     if use_foi is None:
-        use_foi = any(len(item.instructions) > 1 or item.instructions[0].keyword for item, _ in ready)
+        use_foi = args.mask is not None or any(
+            len(item.instructions) > 1 or item.instructions[0].keyword for item, _ in ready
+        )
+    masks = None
+    if args.mask is not None:
+        try:
+            masks = [read_masks(args.mask, ready[0][1])]
+        except ValueError as error:
+            print(f"error: --mask: {error}", file=sys.stderr)
+            return 1
     if use_foi:
-        from ip2p_jax.foi import InstructionError, instruction_tokens
+        from ip2p_jax.foi import InstructionError, branch_tokens, instruction_tokens
 
+        tokenise = branch_tokens if args.foi_config.text_branches == "per_instruction" else instruction_tokens
         checked = []
         for item, image in ready:
             try:
-                instruction_tokens(pipe.tokenizer, item.instructions)
+                tokenise(pipe.tokenizer, item.instructions)
                 checked.append((item, image))
             except InstructionError as error:
                 errors.append(f"{item.source}: {error}")
@@ -353,7 +396,7 @@ def main(argv=None) -> int:
     try:  # the pipeline checks a call's settings against the model before it compiles anything
         if use_foi:
             instructions = [item.instructions for item, _ in ready]
-            result = pipe(images, instructions=instructions, foi=args.foi_config, **common)
+            result = pipe(images, instructions=instructions, foi=args.foi_config, masks=masks, **common)
         else:
             prompts = [item.prompt for item, _ in ready]
             result = pipe(images, prompts, strength=sample.strength, attention=args.attention_recording, **common)

@@ -257,3 +257,32 @@ def test_the_foi_group_declares_every_foi_setting_and_reaches_foi_config(tmp_pat
     overrides = ["--config.foi.tau=0.3,0.6", "--config.foi.modulation=false", "--config.foi.gamma=2"]
     got = foi_config(tmp_path, load_config(sample.CONFIG, overrides).foi)
     assert got == FoIConfig(tau=(0.3, 0.6), modulation=False, gamma=2)
+
+
+def test_masks_from_files_replace_foi_own(pipeline_dir, tmp_path, capsys):
+    """``--mask`` per instruction (white inside), in the per-instruction mode: the comparison grid's mask tiles show
+    the masks given; a mask of the wrong size, or one per two instructions, is a clear error."""
+    from ip2p_jax.visualisation import mask_overlay
+
+    image = write_image(tmp_path / "in.png", 64)
+    left, bottom = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)
+    left[:, :32], bottom[48:, :] = 255, 255
+    Image.fromarray(left).save(tmp_path / "left.png")
+    Image.fromarray(bottom).save(tmp_path / "bottom.png")
+    out = tmp_path / "edited.png"
+    argv = ["--model", str(pipeline_dir), "--image", str(image), "--out", str(out), "--config.foi.mask_downsample=2"]
+    argv += ["--instruction", "make the sky blue", "--keyword", "sky", "--mask", str(tmp_path / "left.png")]
+    argv += ["--instruction", "turn the cat red", "--keyword", "cat", "--mask", str(tmp_path / "bottom.png")]
+    assert sample.main(argv + FAST + ["--compare", "--config.foi.text_branches=per_instruction"]) == 0
+    tiles = np.asarray(Image.open(out.with_suffix(".compare.png")))[::4, ::4]
+    for k, mask in enumerate((left, bottom)):  # whole cells of the 16 x 16 masks: shown exactly as given
+        expected = np.asarray(mask_overlay(Image.open(image), mask > 0))
+        np.testing.assert_array_equal(tiles[:, 64 * (k + 1) : 64 * (k + 2)], expected)
+    Image.fromarray(left[:32]).save(tmp_path / "short.png")
+    wrong = [str(tmp_path / "short.png") if a == str(tmp_path / "bottom.png") else a for a in argv]
+    capsys.readouterr()
+    assert sample.main(wrong + FAST) == 1
+    assert f"error: --mask: {tmp_path / 'short.png'} is 64 x 32 px, the image 64 x 64 px" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.main(argv[:-2] + FAST)
+    assert "give one --mask per --instruction (1 for 2)" in capsys.readouterr().err
