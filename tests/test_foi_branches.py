@@ -307,3 +307,39 @@ def test_bad_masks_and_branches_are_errors_before_anything_compiles(pipe_vae8x, 
 def test_text_branches_is_checked():
     with pytest.raises(ValueError, match=r"text_branches must be one of \('composite', 'per_instruction'\)"):
         FoIConfig(text_branches="each")
+
+
+def test_noise_difference_maps_find_where_the_text_changes_the_prediction():
+    """Each text branch differs from the image-only branch in its own 4 x 4 block of a 16 x 16 latent: per
+    instruction, slot k's map at 8 x 8 is largest on its block's 2 x 2 cells; composite, every slot gets the one
+    text branch's map."""
+    rng = np.random.RandomState(0)
+    base = rng.randn(1, 2, 16, 16, 4).astype(np.float32)
+    outputs = np.repeat(base, 4, axis=0)  # [text 1, text 2, image only, none]
+    outputs[0, :, 0:4, 0:4] += 3.0
+    outputs[1, :, 8:12, 4:8] -= 3.0
+    maps = np.asarray(foi.noise_difference_maps(jnp.asarray(outputs), 2, True, (8, 8)))
+    assert maps.shape == (2, 2, 8, 8)
+    for k, (rows, cols) in enumerate([(slice(0, 2), slice(0, 2)), (slice(4, 6), slice(2, 4))]):
+        inside = maps[:, k, rows, cols]
+        np.testing.assert_allclose(inside, 3.0, rtol=1e-6)
+        outside = maps[:, k].copy()
+        outside[:, rows, cols] = 0
+        assert outside.max() < 3.0
+    composite = np.asarray(foi.noise_difference_maps(jnp.asarray(outputs[[0, 2, 3]]), 2, False, (8, 8)))
+    np.testing.assert_array_equal(composite[:, 0], composite[:, 1])
+    np.testing.assert_array_equal(composite[:, 0], maps[:, 0])
+
+
+@pytest.mark.parametrize("config", [FOI, PER_INSTRUCTION], ids=["composite", "per_instruction"])
+def test_noise_difference_masks_in_both_modes(pipe, image, config):
+    """The noise-difference source edits in both modes; its masks are 0 / 1 at the mask resolution, and not the
+    attention's."""
+    subs = [("make the sky blue", "sky"), ("turn the cat red", "cat")]
+    noise = pipe(image, instructions=subs, foi=dataclasses.replace(config, mask_source="noise_difference"), **CALL)
+    attention = pipe(image, instructions=subs, foi=config, **CALL)
+    masks = noise.masks[0]["latent"]
+    assert masks.shape == (2, 8, 8) and set(np.unique(masks)) <= {0.0, 1.0} and 0 < masks.sum() < masks.size
+    assert (masks != attention.masks[0]["latent"]).any()
+    if config.text_branches == "composite":
+        np.testing.assert_array_equal(masks[0], masks[1])

@@ -2,7 +2,8 @@
 
   * ``instructions``: sub-instructions, the composite prompt, token owners and keywords (paper 4, 5.1);
   * ``masks``: 4.1, masks from IP2P's own cross-attention: Gaussian filter, ``gamma`` rounds of square +
-    min-max, ``tau``; resizing masks to each layer; the union mask;
+    min-max, ``tau``; resizing masks to each layer; the union mask; DiffEdit's noise-difference maps as another
+    source;
   * ``modulation``: 4.2, cross-condition attention modulation ``softmax(X + dX) * M + softmax(Y) * (1 - M)``, an
     attention control;
   * ``guidance``: 4.3, decoupled guidance, the text term of IP2P's guidance restricted to the union of the masks;
@@ -15,7 +16,7 @@ The paper never released code; this is the project's reading of it, stated in ``
 paper's words. The names below are the package's public ones.
 """
 
-from ip2p_jax.foi.config import FOI_CONFIG, TEXT_BRANCHES, FoIConfig, foi_config, foi_settings
+from ip2p_jax.foi.config import FOI_CONFIG, MASK_SOURCES, TEXT_BRANCHES, FoIConfig, foi_config, foi_settings
 from ip2p_jax.foi.guidance import (
     branch_text_masks,
     decoupled_text_mask,
@@ -41,6 +42,7 @@ from ip2p_jax.foi.masks import (
     mask_size,
     masks_from_keyword_maps,
     min_max,
+    noise_difference_maps,
     resize_masks,
     sharpen,
     union_mask,
@@ -50,6 +52,7 @@ from ip2p_jax.foi.sampler import FoIInputs, make_foi_sampler
 
 __all__ = [
     "FOI_CONFIG",
+    "MASK_SOURCES",
     "SEPARATOR",
     "TEXT_BRANCHES",
     "BranchTokens",
@@ -77,6 +80,7 @@ __all__ = [
     "masks_from_keyword_maps",
     "min_max",
     "modulated_probs",
+    "noise_difference_maps",
     "per_instruction_guidance",
     "resize_masks",
     "sharpen",

@@ -16,6 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 TEXT_BRANCHES = ("composite", "per_instruction")
+MASK_SOURCES = ("attention", "noise_difference")
 FOI_CONFIG = "foi_config.json"  # a model folder's recommended FoI settings (``FoIConfig.for_model``)
 
 
@@ -43,6 +44,11 @@ class FoIConfig:
       text_branches: ``"composite"`` (the paper: one text+image branch for the sub-instructions joined into one
         prompt) or ``"per_instruction"`` (ours, docs/foi.md: each sub-instruction encoded alone in a text+image
         branch of its own, its mask from its own branch's attention, its text term guided inside its own mask).
+      mask_source: where the masks come from at the mask step: ``"attention"`` (the paper, 4.1: each keyword's
+        cross-attention) or ``"noise_difference"`` (DiffEdit's, the paper's baseline: where the text changes the
+        prediction, ``|e(I, T) - e(I, 0)|`` averaged over channels; each sub-instruction's own branch in the
+        per-instruction mode, the composite prompt's for all of them otherwise), then the same filter, ``gamma`` and
+        ``tau``.
     """
 
     strength: float = 0.8
@@ -58,6 +64,7 @@ class FoIConfig:
     decoupled_guidance: bool = True
     decoupled_fraction: float = 0.75
     text_branches: str = "composite"
+    mask_source: str = "attention"
 
     def __post_init__(self):
         """Checks every setting against its range, so that none can silently switch FoI off (a ``tau`` above 1 gives
@@ -85,6 +92,8 @@ class FoIConfig:
             raise ValueError(f"outside_values must be 'own' or 'image_only', got {self.outside_values!r}")
         if self.text_branches not in TEXT_BRANCHES:
             raise ValueError(f"text_branches must be one of {TEXT_BRANCHES}, got {self.text_branches!r}")
+        if self.mask_source not in MASK_SOURCES:
+            raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {self.mask_source!r}")
         for name, value in settings.items():
             object.__setattr__(self, name, value)
 

@@ -62,6 +62,29 @@ def branch_keyword_maps(maps_kbhwt: jax.Array, keyword_weights_bkt: jax.Array) -
     return jnp.einsum("kbhwt,bkt->bkhw", maps_kbhwt, keyword_weights_bkt)
 
 
+def noise_difference_maps(outputs_nbhwc: jax.Array, slots: int, per_instruction: bool, size) -> jax.Array:
+    """DiffEdit-style maps (Couairon et al. 2023, the paper's baseline): where the instruction changes the
+    prediction, ``|e(I, T) - e(I, 0)|`` averaged over channels and brought to the mask resolution ``size`` by area
+    averaging. ``outputs_nbhwc``: the guidance branches' ``(n, B, h, w, c)``, the image-only branch second to last;
+    per instruction, slot ``k``'s map from branch ``k``, else the composite branch's map for every slot.
+    Returns ``(B, K, *size)`` float32."""
+    outputs = outputs_nbhwc.astype(jnp.float32)
+    text = outputs[:slots] if per_instruction else outputs[:1]
+    maps = jnp.abs(text - outputs[-2][None]).mean(axis=-1)  # (K or 1, B, h, w)
+    rows, cols = (_area_matrix(maps.shape[axis], size[i]) for i, axis in enumerate((2, 3)))
+    maps = jnp.einsum("yi,kbij,xj->bkyx", rows, maps, cols)
+    return jnp.broadcast_to(maps, (maps.shape[0], slots, *size))
+
+
+def _area_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """``(size_out, size_in)``: output cell ``j`` averages the input cells under ``[j, j + 1) * size_in / size_out``,
+    each weighted by the length it overlaps (area averaging, for any ratio)."""
+    edges = np.arange(size_out + 1) * size_in / size_out
+    i = np.arange(size_in)
+    overlap = np.clip(np.minimum(edges[1:, None], i + 1) - np.maximum(edges[:-1, None], i), 0, None)
+    return (overlap / overlap.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def extract_masks(
     maps_bhwt: jax.Array,
     keyword_weights_bkt: jax.Array,

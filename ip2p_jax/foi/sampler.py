@@ -33,6 +33,7 @@ from ip2p_jax.foi.masks import (
     keyword_maps,
     mask_size,
     masks_from_keyword_maps,
+    noise_difference_maps,
 )
 from ip2p_jax.foi.modulation import FoIModulation, xi
 from ip2p_jax.models.attention import RecordCrossAttention, mean_of_layers
@@ -137,10 +138,11 @@ def make_foi_sampler(
                 f"{latent_size[0]} x {latent_size[1]} latent halved {cfg.mask_level} times, rounding up), but the "
                 f"UNet has no cross-attention layer of that size; its layers have sizes {sizes}"
             )
-        batch = carry[0].shape[0]
+        batch, slots = carry[0].shape[0], foi_inputs.valid.shape[1]
         maps = mean_of_layers(aux)
-        if per_instruction:  # slot k's keyword in its own branch's maps
-            slots = foi_inputs.valid.shape[1]
+        if cfg.mask_source == "noise_difference":
+            maps = noise_difference_maps(outputs, slots, per_instruction, masks_hw)
+        elif per_instruction:  # slot k's keyword in its own branch's maps
             maps = branch_keyword_maps(
                 maps[: slots * batch].reshape(slots, batch, *maps.shape[1:]), foi_inputs.keyword_weights
             )
