@@ -40,6 +40,12 @@ def test_every_caption_describes_its_scene_and_no_hard_negative_does(style):
                 }[kind]
                 assert old in allowed and new in allowed, (caption, negative)
                 assert not hard_negatives.describes(scene, negative), (caption, negative)
+                # The text alone never gives it away: no shape named twice, none changed in a "turn" clause.
+                named = [w for w in negative.replace(",", "").split() if w in shapes.SHAPES]
+                assert len(named) == len(set(named)) or "into" in negative, (caption, negative)
+                if "into" in negative:
+                    turn = negative.replace(",", "").split("turn the ")[1].split()
+                    assert turn[0] == turn[3], (caption, negative)
                 kinds_seen.add(kind)
     assert kinds_seen == set(hard_negatives.HARD_NEGATIVE_KINDS)
 
@@ -58,10 +64,15 @@ def test_known_answers():
     found = hard_negatives.one_word_negatives(scene, "make the circle red")
     assert "make the square red" not in found["shape"] and "make the triangle red" in found["shape"]
     assert found["colour"] == [f"make the circle {c}" for c in shapes.OBJECT_COLOURS if c != "red"]
+    # A shape the caption names already, or one in a turn clause, gives a negative away without the picture.
+    given_away = hard_negatives.one_word_negatives(scene, "a red circle and a red diamond")
+    assert given_away["shape"] == ["a red triangle and a red diamond", "a red circle and a red triangle"]
+    assert hard_negatives.one_word_negatives(scene, "turn the circle into a circle")["shape"] == []
     found = hard_negatives.one_word_negatives(scene, "an orange triangle")  # (false already: only the article)
     assert found["colour"] == []  # no other object colour takes "an"
     found = hard_negatives.one_word_negatives(scene, "remove the diamond, a red square")
-    assert found["shape"][:2] == ["remove the circle, a red square", "remove the square, a red square"]
+    assert found["shape"][0] == "remove the circle, a red square"
+    assert "remove the square, a red square" not in found["shape"]  # false of any scene: named twice
     assert not hard_negatives.describes(scene, "a red circle on a gray striped background")
     assert hard_negatives.describes(_scene(background="gray", textured=True), "the gray background")
     assert not hard_negatives.describes(scene, "a green circle") and hard_negatives.describes(scene, "a circle")

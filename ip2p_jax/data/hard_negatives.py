@@ -16,7 +16,11 @@ Whether a caption describes a scene is decided by its *claims*, read from the wo
 
 A caption describes the scene when every claim holds; changing one word changes one claim, so a one-word change is a
 hard negative exactly when its claim turns false. Replacements keep the article right ("a red" never becomes "a
-orange"), so that grammar gives no negative away.
+orange"), so that grammar gives no negative away; nor does the text in two other ways, since a scene has at most one
+object of each shape: a shape is never changed into one the caption already names ("a red square and a blue
+square" is false of every scene, whatever the picture), nor inside "turn the circle into a circle" (whose two words
+always agree in a true caption). A negative the text alone gives away teaches the image tower nothing; the first
+CLIP trained without this rule stayed near chance at telling shapes apart (docs/shapes.md).
 """
 
 from __future__ import annotations
@@ -101,6 +105,11 @@ def describes(scene: shapes.Scene, text: str) -> bool:
     return all(claim.holds(scene) for claim in claims(text))
 
 
+def _in_turn_clause(ws: list[str], i: int) -> bool:
+    """Whether word ``i`` is a shape of "turn the X into a X"."""
+    return ws[max(i - 2, 0) : i] == ["turn", "the"] or (i >= 2 and ws[i - 2] == "into" and ws[i - 1] in ("a", "an"))
+
+
 def _article_fits(previous: str | None, word: str) -> bool:
     """Whether ``a`` / ``an`` before ``word`` (if that is the previous word) stays right."""
     if previous not in ("a", "an"):
@@ -112,12 +121,15 @@ def one_word_negatives(scene: shapes.Scene, text: str) -> dict[str, list[str]]:
     """Every one-word change of the caption that makes it false of the scene, by the kind of word changed
     (``HARD_NEGATIVE_KINDS``), in the order of the caption's words and then of the replacement words."""
     ws = words(text)
+    named = {w.text for w in ws if w.text in shapes.SHAPES}
     found: dict[str, list[str]] = {kind: [] for kind in HARD_NEGATIVE_KINDS}
     for claim in claims(text):
         for i in claim.words:
             word = ws[i].text
             if word in shapes.SHAPES:
-                kind, replacements = "shape", shapes.SHAPES
+                if _in_turn_clause([w.text for w in ws], i):
+                    continue
+                kind, replacements = "shape", tuple(shape for shape in shapes.SHAPES if shape not in named)
             elif claim.kind == "background":
                 kind, replacements = "background", tuple(shapes.BACKGROUND_COLOURS)
             else:
