@@ -158,3 +158,23 @@ def test_shape_word_similarity_known_answers():
     assert mean == pytest.approx(1.0) and largest == pytest.approx(1.0)
     with pytest.raises(ValueError, match="a word of its own"):
         shape_word_similarity(one_hot, tokenizer, "make the {}s blue")
+
+
+def test_vision_shape_probe_runs_both_probes(capsys):
+    """tools/vision_shape_probe.py on the shipped CLIP: the linear read-out reports an accuracy per shape beside its
+    base rate; the supervised probe trains a few steps and reports the held-out accuracy."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import vision_shape_probe
+
+    vision_shape_probe.main(["--linear", "--scenes", "200"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == list(shapes.SHAPES)
+    assert all("held-out accuracy" in line and "base rate" in line for line in lines)
+    vision_shape_probe.main(["--train", "--steps", "2", "--batch", "4", "--every", "1", "--patch-size", "16"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["step 1", "step 2"]
+    with pytest.raises(SystemExit):
+        vision_shape_probe.main(["--train", "--steps", "0"])
