@@ -23,15 +23,14 @@ from tqdm.auto import tqdm
 
 from ip2p_jax import foi as foi_lib
 from ip2p_jax.foi import FoIConfig, FoIInputs, make_foi_sampler
+from ip2p_jax.foi import call as foi_call
+from ip2p_jax.image_processing import ImageLike, postprocess, preprocess, to_pil, to_rgb_array
 from ip2p_jax.models.stack import ModelStack
-from ip2p_jax.models.unet import level_size
 from ip2p_jax.parallel import batch_sharded, data_mesh, pad_batch, padded_size, replicated
 from ip2p_jax.sampling import AttentionRecording, SamplerInputs, SamplerSettings, make_ip2p_sampler
 from ip2p_jax.schedulers import Scheduler
 from ip2p_jax.tokenizer import tokenize, word_token_weights
 from ip2p_jax.weights import load_single_file_stack, load_stack
-
-ImageLike = Image.Image | np.ndarray
 
 
 @dataclasses.dataclass
@@ -64,42 +63,6 @@ class _Progress:
         if self.bar is not None:
             self.bar.n = int(done)
             self.bar.refresh()
-
-
-def to_rgb_array(image: ImageLike) -> np.ndarray:
-    """A PIL image or an ``(H, W)`` / ``(H, W, 1|3|4)`` uint8 array -> ``(H, W, 3)`` uint8 RGB."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise TypeError(f"image arrays must be uint8 (H, W, 3), got {array.dtype}")
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}")
-    return np.asarray(Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).convert("RGB"))
-
-
-def preprocess(image: ImageLike, multiple: int) -> np.ndarray:
-    """As diffusers' ``VaeImageProcessor``: RGB, each side floored to a multiple of ``multiple`` (a Lanczos resize
-    when that changes it), scaled to [-1, 1]. Returns ``(H, W, 3)`` float32."""
-    rgb = to_rgb_array(image)
-    height, width = (rgb.shape[0] // multiple) * multiple, (rgb.shape[1] // multiple) * multiple
-    if height == 0 or width == 0:
-        raise ValueError(f"image of {rgb.shape[1]}x{rgb.shape[0]} px is smaller than {multiple} px")
-    if (height, width) != rgb.shape[:2]:
-        rgb = np.asarray(Image.fromarray(rgb).resize((width, height), resample=Image.LANCZOS))
-    return rgb.astype(np.float32) / 127.5 - 1.0
-
-
-def postprocess(images_bhwc: np.ndarray) -> np.ndarray:
-    """Decoder output about [-1, 1] -> float32 [0, 1]."""
-    return np.clip(np.asarray(images_bhwc, np.float32) / 2 + 0.5, 0.0, 1.0)
-
-
-def to_pil(image_hwc: np.ndarray) -> Image.Image:
-    """float [0, 1] ``(H, W, 3)`` -> PIL, rounded as diffusers' ``numpy_to_pil``."""
-    return Image.fromarray((image_hwc * 255).round().astype(np.uint8))
 
 
 def _with_attention_backend(attention_backend: str):
@@ -351,7 +314,7 @@ class InstructPix2PixPipeline:
             inside when any of its area is). The masks returned are these.
         """
         images, prompts, per_image, foi = _images_and_instructions(image, prompt, instructions, foi)
-        given_masks = _given_masks(masks, images, per_image)
+        given_masks = foi_call.given_masks(masks, [to_rgb_array(im).shape[:2] for im in images], per_image)
         call = self._settle(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
@@ -368,7 +331,9 @@ class InstructPix2PixPipeline:
         )
         groups = self._group_by_size(images, prompts, per_image, call, given_masks)
         if call.foi is not None:
-            self._check_foi(call.foi, call.settings, [group.size for group in groups])
+            foi_call.check_call(
+                call.foi, call.settings, self.unet.config, self.vae_scale_factor, [group.size for group in groups]
+            )
         # Everything that can be wrong with a call has been found by now, before anything is encoded or compiled.
         null_context = self.encode_prompt([""])
         pictures, extras = [None] * len(images), [None] * len(images)
@@ -513,8 +478,8 @@ class InstructPix2PixPipeline:
         """Runs a group's sampler (``sampler`` for IP2P, ``foi_sampler`` with the group's ``foi.FoIInputs`` for FoI:
         its tokens, the slots' own ``(n, K, 77, D)`` contexts in the per-instruction mode, the masks given) through
         ``_run``. Returns the edited latents ``(n, h, w, 4)``, scaled, and per image what the edit returns besides
-        its picture: FoI's masks (``_foi_masks``), IP2P's ``(mh, mw, T)`` token maps with ``attention=``, else
-        ``None``."""
+        its picture: FoI's masks (``foi.call.output_masks``), IP2P's ``(mh, mw, T)`` token maps with
+        ``attention=``, else ``None``."""
         n = len(group.indices)
         height, width = group.size
         description = f"{'FoI' if call.foi else 'IP2P'}: {n} image(s) of {width}x{height}"
@@ -545,7 +510,7 @@ class InstructPix2PixPipeline:
             sampler, call.settings, (inputs, foi_inputs), n, call.progress, description
         )
         per_image = zip(np.asarray(masks), np.asarray(keyword_maps), group.counts, strict=True)
-        return edited_latents, [_foi_masks(m, a, k, group.size) for m, a, k in per_image]
+        return edited_latents, [foi_call.output_masks(m, a, k, group.size) for m, a, k in per_image]
 
     def foi_sampler(
         self, settings: SamplerSettings, foi: FoIConfig, latent_size: tuple[int, int], progress: bool = True
@@ -557,26 +522,6 @@ class InstructPix2PixPipeline:
             report = self._progress if progress else None
             self._samplers[key] = make_foi_sampler(apply, settings, foi, self.mesh, latent_size, report)
         return self._samplers[key]
-
-    def _check_foi(self, foi: FoIConfig, settings: SamplerSettings, image_sizes: list[tuple[int, int]]) -> None:
-        """FoI settings that depend on the call or the model: the three guidance branches, a mask step among the
-        steps run, and a UNet with cross-attention layers at the mask resolution (``mask_downsample``)."""
-        if not settings.dual_guidance:
-            raise ValueError("FoI needs the three guidance branches (guidance_scale > 1, image_guidance_scale >= 1)")
-        if foi.mask_step >= settings.num_steps_run:
-            raise ValueError(
-                f"mask_step must be below the number of steps run ({settings.num_steps_run}), got {foi.mask_step}"
-            )
-        levels = self.unet.config.cross_attention_levels()
-        if foi.mask_level not in levels:
-            height, width = image_sizes[0]
-            latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-            sizes = [level_size(latent, level)[::-1] for level in levels]
-            raise ValueError(
-                f"mask_downsample {foi.mask_downsample}: the UNet has no cross-attention layer {foi.mask_level} "
-                f"levels below the latent; it has them at mask_downsample {', '.join(str(2**x) for x in levels)} "
-                f"(layers of {', '.join(f'{w}x{h}' for w, h in sizes)} for a {width}x{height} image)"
-            )
 
     def _encode_ids(self, ids: np.ndarray) -> jax.Array:
         x, n = self._shard(ids)
@@ -640,7 +585,7 @@ def _images_and_instructions(
     if (instructions is None) == (prompt is None):
         raise ValueError("give either prompt= (IP2P) or instructions= (FoI)")
     if instructions is not None:
-        per_image = _instruction_lists(instructions)
+        per_image = foi_call.instruction_lists(instructions)
         foi = FoIConfig() if foi is None else foi
         prompts = [foi_lib.composite_prompt(subs)[0] for subs in per_image]
     else:
@@ -657,42 +602,6 @@ def _images_and_instructions(
     return images, prompts, per_image, foi
 
 
-def _given_masks(masks, images: list[ImageLike], per_image) -> list[np.ndarray] | None:
-    """``masks=`` checked against the call: FoI only, one ``(k, H, W)`` array of 0 / 1 per image (``k`` its number
-    of sub-instructions, ``(H, W)`` its size); as float32 arrays, or ``None`` when none are given."""
-    if masks is None:
-        return None
-    if per_image is None:
-        raise ValueError("masks= are FoI's: give them with instructions=")
-    if isinstance(masks, np.ndarray) and masks.ndim == 3:
-        masks = [masks]
-    masks = list(masks)
-    if len(masks) != len(images):
-        raise ValueError(f"masks=: {len(masks)} mask arrays for {len(images)} images (one (k, H, W) array per image)")
-    checked = []
-    for index, (given, image, subs) in enumerate(zip(masks, images, per_image, strict=True)):
-        given = np.asarray(given)
-        height, width = to_rgb_array(image).shape[:2]
-        expected = (len(subs), height, width)
-        if given.shape != expected:
-            raise ValueError(
-                f"masks= of image {index}: expected shape {expected} (one mask per sub-instruction at the image's "
-                f"size), got {given.shape}"
-            )
-        if given.dtype != bool and not (np.issubdtype(given.dtype, np.number) and np.isin(given, (0, 1)).all()):
-            raise ValueError(f"masks= of image {index}: values must be 0 or 1 (bool, uint8, ...), got {given.dtype}")
-        checked.append(given.astype(np.float32))
-    return checked
-
-
-def _foi_masks(latent_masks_khw: np.ndarray, keyword_maps_khw: np.ndarray, count: int, size: tuple[int, int]) -> dict:
-    """One image's ``EditOutput.masks`` entry from its FoI sampler outputs (``K`` slots, of which its ``count``
-    sub-instructions fill the first): ``"latent"`` ``(count, h/d, w/d)`` masks, ``"image"`` the same masks resized to
-    ``size`` ``(H, W)`` (``foi.resize_masks``), ``"attention"`` ``(count, h/d, w/d)`` keyword maps."""
-    full = foi_lib.resize_masks(jnp.asarray(latent_masks_khw[None, :count]), size)[0]
-    return {"latent": latent_masks_khw[:count], "image": np.asarray(full), "attention": keyword_maps_khw[:count]}
-
-
 def _edit_output(call: _EditCall, pictures: list[np.ndarray], extras: list) -> EditOutput:
     """The call's ``EditOutput``: its ``(H, W, 3)`` [0, 1] pictures in input order (PIL, or float32 arrays stacked
     when all have one size), and the per-image ``extras`` of ``_sample`` as FoI's masks or IP2P's token maps."""
@@ -702,19 +611,3 @@ def _edit_output(call: _EditCall, pictures: list[np.ndarray], extras: list) -> E
         return EditOutput([to_pil(x) for x in pictures], masks, token_maps)
     same_size = len({x.shape for x in pictures}) == 1
     return EditOutput(np.stack(pictures) if same_size else pictures, masks, token_maps)
-
-
-def _instruction_lists(instructions) -> list[list[foi_lib.SubInstruction]]:
-    """``instructions`` as one list of ``SubInstruction`` per image (a flat list is one image's)."""
-
-    def one(item) -> foi_lib.SubInstruction:
-        if isinstance(item, foi_lib.SubInstruction):
-            return item
-        if isinstance(item, str):
-            return foi_lib.SubInstruction(item)
-        return foi_lib.SubInstruction(*item)
-
-    items = list(instructions)
-    if items and all(isinstance(x, list) for x in items):
-        return [[one(x) for x in subs] for subs in items]
-    return [[one(x) for x in items]]

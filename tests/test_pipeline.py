@@ -11,7 +11,8 @@ import torch
 from conftest import max_relative_error
 from PIL import Image
 
-from ip2p_jax.pipeline import InstructPix2PixPipeline, preprocess
+from ip2p_jax.image_processing import preprocess
+from ip2p_jax.pipeline import InstructPix2PixPipeline
 
 PROMPTS = ["make the sky blue", "turn the cat into a dog"]
 SIZE = 32  # pixels; the tiny VAE downsamples by 2, so 16x16 latents

@@ -10,8 +10,8 @@ import torch
 from conftest import IP2P_SCHEDULER_CONFIG, make_text_encoder, make_unet, make_vae
 
 from ip2p_jax.generation.text_to_image import TextToImageInputs, TextToImageSettings, make_text_to_image_sampler
+from ip2p_jax.image_processing import postprocess
 from ip2p_jax.parallel import data_mesh
-from ip2p_jax.pipeline import postprocess
 from ip2p_jax.schedulers import Scheduler
 from ip2p_jax.tokenizer import tokenize
 from ip2p_jax.weights import load_text_encoder, load_tokenizer, load_unet, load_vae

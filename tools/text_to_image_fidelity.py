@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     from ip2p_jax.data import captioned_scenes
     from ip2p_jax.evaluation.shapes_edit import generated_scene_colours
     from ip2p_jax.generation.text_to_image import TextToImageInputs, TextToImageSettings, make_text_to_image_sampler
-    from ip2p_jax.pipeline import postprocess
+    from ip2p_jax.image_processing import postprocess
     from ip2p_jax.tokenizer import tokenize
     from ip2p_jax.visualisation import grid
     from ip2p_jax.weights import load_clip, load_clip_preprocessor, load_stack, load_tokenizer

@@ -11,6 +11,8 @@
   * ``config``: every setting (``FoIConfig``; paper 5.1's defaults), a model folder's recommended ones, and the
     settings as a script config's ``foi`` group;
   * ``sampler``: the jitted sampler that strings them together.
+  * ``call``: an edit call's FoI parts checked before anything compiles (sub-instructions per image, the settings
+    against the model, given masks) and each image's output masks.
 
 The paper never released code; this is the project's reading of it, stated in ``docs/foi.md`` next to the
 paper's words. The names below are the package's public ones.
