@@ -38,8 +38,7 @@ def autoencoder_config(config) -> dict:
     """The diffusers config of an autoencoder run's VAE."""
     import json
 
-    from ip2p_jax.weights.export import DIFFUSERS_WEIGHTS
-    from ip2p_jax.weights.files import resolve_folder
+    from ip2p_jax.weights.files import DIFFUSERS_WEIGHTS, resolve_folder
 
     if config["model"] == "new":
         return dict(config["new_model"]["vae"])

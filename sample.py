@@ -286,16 +286,6 @@ def load_item(item: EditItem) -> Image.Image:
     return image
 
 
-def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
-    """``left | right``, the input resized to the output's height if they differ (sizes floor to multiples of 8)."""
-    if left.size != right.size:
-        left = left.resize(right.size, Image.LANCZOS)
-    grid = Image.new("RGB", (left.width + right.width, right.height))
-    grid.paste(left, (0, 0))
-    grid.paste(right, (left.width, 0))
-    return grid
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.manifest is not None:
@@ -329,7 +319,7 @@ def main(argv=None) -> int:
 
     from ip2p_jax.pipeline import InstructPix2PixPipeline
     from ip2p_jax.schedulers import SchedulerError
-    from ip2p_jax.visualisation import compare_grid
+    from ip2p_jax.visualisation import compare_grid, grid
     from ip2p_jax.weights import CheckpointError
 
     options = dict(
@@ -413,7 +403,9 @@ def main(argv=None) -> int:
             item.out.parent.mkdir(parents=True, exist_ok=True)
             edited.save(item.out)
             if args.grid:
-                side_by_side(image, edited).save(item.out.with_suffix(".grid.png"))
+                # input | output, the input resized to the output's size if they differ (sides floor to multiples of 8)
+                base = image.resize(edited.size, Image.LANCZOS) if image.size != edited.size else image
+                grid([[base, edited]]).save(item.out.with_suffix(".grid.png"))
             if plain is not None:
                 comparison = compare_grid(image, result.masks[index]["image"], plain[index], edited)
                 comparison.save(item.out.with_suffix(".compare.png"))

@@ -387,10 +387,6 @@ class Scheduler:
                 timesteps = timesteps.round()
         return timesteps, np.concatenate([sigmas, [0.0]]).astype(np.float32)
 
-    def timesteps(self, num_inference_steps: int) -> np.ndarray:
-        """``(n,)`` float64 timesteps exactly as the diffusers class computes them for this config."""
-        return self._tables(num_inference_steps)[0]
-
     def schedule(self, num_inference_steps: int) -> Schedule:
         """The step tables for ``num_inference_steps`` steps."""
         alphas_cumprod = self.alphas_cumprod()

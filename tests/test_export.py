@@ -8,7 +8,8 @@ from conftest import TINY_UNETS, make_text_encoder, make_unet, make_vae
 from safetensors.numpy import load_file
 
 from ip2p_jax.weights import load_text_encoder, load_unet, load_vae
-from ip2p_jax.weights.export import save_text_encoder, save_unet, save_vae, torch_key
+from ip2p_jax.weights.convert import torch_key
+from ip2p_jax.weights.export import save_text_encoder, save_unet, save_vae
 
 
 def test_torch_key_inverts_flax_names():

@@ -15,9 +15,10 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from ip2p_jax.weights.files import FOI_CONFIG
+
 TEXT_BRANCHES = ("composite", "per_instruction")
 MASK_SOURCES = ("attention", "noise_difference")
-FOI_CONFIG = "foi_config.json"  # a model folder's recommended FoI settings (``FoIConfig.for_model``)
 
 
 @dataclasses.dataclass(frozen=True)

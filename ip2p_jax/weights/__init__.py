@@ -26,8 +26,15 @@ from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
 from ip2p_jax.schedulers import Scheduler
 from ip2p_jax.weights import single_file
-from ip2p_jax.weights.convert import convert_state_dict, rename_old_vae_attention
-from ip2p_jax.weights.files import CheckpointError, read_config, read_safetensors, resolve_folder
+from ip2p_jax.weights.convert import convert_state_dict, rename_old_vae_attention, torch_key
+from ip2p_jax.weights.files import (
+    DIFFUSERS_WEIGHTS,
+    TRANSFORMERS_WEIGHTS,
+    CheckpointError,
+    read_config,
+    read_safetensors,
+    resolve_folder,
+)
 
 if TYPE_CHECKING:
     from transformers import CLIPImageProcessorPil
@@ -47,8 +54,6 @@ __all__ = [
 ]
 
 PathOrRepo = str | os.PathLike
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-TRANSFORMERS_WEIGHTS = "model.safetensors"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
@@ -330,8 +335,6 @@ def single_file_config_source(tensors: dict[str, np.ndarray], path) -> str:
 
 
 def _diffusers_keys(expected) -> list[str]:
-    from ip2p_jax.weights.export import torch_key
-
     return [torch_key(path) for path in traverse_util.flatten_dict(dict(expected))]
 
 

@@ -113,3 +113,19 @@ def rename_old_vae_attention(key: str) -> str:
     if match is None:
         return key
     return key[: match.start(1)] + _OLD_VAE_ATTENTION[match.group(1)] + key[match.end(1) :]
+
+
+# Module names that end in ``_<digits>`` in PyTorch too (diffusers' TimestepEmbedding); every other such Flax
+# name is a list entry (``down_blocks_0`` is ``down_blocks.0``).
+_NAMES_WITH_DIGITS = frozenset({"linear_1", "linear_2"})
+_LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """``("down_blocks_0", "resnets_1", "conv1", "kernel")`` -> ``"down_blocks.0.resnets.1.conv1.weight"``."""
+    parts = []
+    for part in path[:-1]:
+        match = _LIST_ENTRY.match(part)
+        parts.extend(match.groups() if match and part not in _NAMES_WITH_DIGITS else (part,))
+    parts.append("bias" if path[-1] == "bias" else "weight")
+    return ".".join(parts)

@@ -19,25 +19,9 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from ip2p_jax.foi import FOI_CONFIG
-from ip2p_jax.weights.files import resolve_folder
-
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-TRANSFORMERS_WEIGHTS = "model.safetensors"
-# Module names that end in ``_<digits>`` in PyTorch too (diffusers' TimestepEmbedding); every other such Flax
-# name is a list entry (``down_blocks_0`` is ``down_blocks.0``).
-_NAMES_WITH_DIGITS = frozenset({"linear_1", "linear_2"})
-_LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
-
-
-def torch_key(path: tuple[str, ...]) -> str:
-    """``("down_blocks_0", "resnets_1", "conv1", "kernel")`` -> ``"down_blocks.0.resnets.1.conv1.weight"``."""
-    parts = []
-    for part in path[:-1]:
-        match = _LIST_ENTRY.match(part)
-        parts.extend(match.groups() if match and part not in _NAMES_WITH_DIGITS else (part,))
-    parts.append("bias" if path[-1] == "bias" else "weight")
-    return ".".join(parts)
+from ip2p_jax.weights import load_single_file, single_file, text_model_key
+from ip2p_jax.weights.convert import torch_key
+from ip2p_jax.weights.files import DIFFUSERS_WEIGHTS, FOI_CONFIG, TRANSFORMERS_WEIGHTS, resolve_folder
 
 
 def torch_state_dict(
@@ -261,7 +245,6 @@ def export_single_file(source: str | Path, out: str | Path, *, revision: str | N
 
     from ip2p_jax.models.unet import UNetConfig
     from ip2p_jax.models.vae import VAEConfig
-    from ip2p_jax.weights import single_file, text_model_key
     from ip2p_jax.weights.convert import IGNORED_KEYS, rename_old_vae_attention
     from ip2p_jax.weights.files import read_config, read_safetensors
 
@@ -297,8 +280,6 @@ def folder_from_single_file(
     (``--config.model``), ``generate_data.py`` and diffusers' ``from_pretrained`` start from: the file's UNet,
     autoencoder and text encoder (``weights.load_single_file``: ``config``, ``allow_pickle`` and ``ema`` as there),
     the tokenizer and scheduler of ``config``. Refuses a non-empty ``out``."""
-    from ip2p_jax.weights import load_single_file
-
     out = Path(out)
     _refuse_non_empty(out)
     components, config = load_single_file(path, config, allow_pickle=allow_pickle, ema=ema)

@@ -20,6 +20,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing folder or file, missing / unexpected / misshapen tensors."""
 
 
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # a diffusers component's weights file
+TRANSFORMERS_WEIGHTS = "model.safetensors"  # a transformers model's
+FOI_CONFIG = "foi_config.json"  # a model folder's recommended FoI settings (``FoIConfig.for_model``)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
