@@ -6,8 +6,11 @@ initialisation so that a parity test notices a missing bias or a norm applied wi
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +21,13 @@ from ip2p_jax import compilation_cache
 from ip2p_jax.tiny_configs import STAND_IN_VAE
 from ip2p_jax.tokenizer import write_clip_vocab
 
-# The programs' persistent compilation cache would write to the home folder and make a test's compile time depend
-# on the tests run before it; tests that need it name a folder of their own.
-os.environ[compilation_cache.ENVIRONMENT] = compilation_cache.OFF
+# The programs' persistent compilation cache goes to a folder of this test process's own, removed when it ends,
+# never the home folder: the many train.py / export.py / sample.py runs of the suite compile the same tiny programs
+# (a tiny train.py run: about 100 s cold, 30 s warm here), and no test is timed. Tests of the cache itself name a
+# folder of their own.
+_CACHE = tempfile.mkdtemp(prefix="ip2p-jax-test-compilation-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ[compilation_cache.ENVIRONMENT] = _CACHE
 
 # Words the tiny vocabulary knows whole (others fall back to single characters).
 VOCAB_WORDS = (
