@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.objective = diffusion_objective(conditioning_dropout=0.05)
     config.sample = dict(every=1000, count=6, steps=50)  # edits of the first batch's images by the EMA UNet
     config.eval = dict(
+        name="keyword_localisation",  # training/evaluators.py
         count=64,  # fresh training-distribution edits for the keyword's localisation (0: never)
         timesteps=(500, 800),  # 800: about where FoI's mask step sits at strength 0.8
         map_size=(16, 16),

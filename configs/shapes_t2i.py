@@ -58,6 +58,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # generated pictures and held-out word localisation of the EMA UNet every `every` steps (0: never)
     config.sample = dict(every=500, count=6, steps=50, guidance_scale=5.0)
     config.eval = dict(
+        name="word_localisation",  # training/evaluators.py
         count=64,  # held-out scenes for word localisation
         timesteps=(300, 500, 700),
         map_size=(16, 16),

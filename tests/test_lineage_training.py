@@ -3,6 +3,7 @@ localisation as FoI's masks see it."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -38,8 +39,9 @@ def test_contrastive_loss_by_hand():
 
 @pytest.mark.parametrize("hard_negatives", [0, 3])
 def test_clip_step_learns_a_batch(tmp_path, hard_negatives):
-    """A few contrastive steps on one batch of captioned scenes, with and without hard negatives: the loss falls and
-    the EMA moves. Token ids trimmed of padding (``trim_padding``) give the same text embeddings."""
+    """A few contrastive steps on one batch of captioned scenes, plain, and with hard negatives and the word-presence
+    term: the loss falls (both terms) and the temperature trains. Token ids trimmed of padding (``trim_padding``)
+    give the same text embeddings."""
     from ip2p_jax.data import captioned_scenes
     from ip2p_jax.data.shapes import WORDS
     from ip2p_jax.tokenizer import tokenize
@@ -64,15 +66,42 @@ def test_clip_step_learns_a_batch(tmp_path, hard_negatives):
         negatives = tokenize(tokenizer, list(rows["hard_negatives"].reshape(-1)))[:, : trimmed.shape[1]]
         batch["negative_input_ids"] = jnp.asarray(negatives.reshape(8, hard_negatives, -1))
         batch["negative_valid"] = jnp.asarray(rows["hard_negative_valid"])
+    frozen, presence_weight = {}, 0.0
+    if hard_negatives:
+        presence_weight = 2.0
+        words = tokenize(tokenizer, ["circle", "square", "triangle", "diamond"])
+        frozen["presence_input_ids"] = jnp.asarray(trim_padding(words, clip.config.text.eos_token_id))
+        batch["shapes_present"] = jnp.asarray(rows["shapes_present"])
     tx = make_optimizer(3e-3, weight_decay=0.0)
-    step = jax.jit(lambda state: clip_step(state, batch, None, {}, CLIPSettings(clip, tx)))
+    settings = CLIPSettings(clip, tx, presence_weight=presence_weight)
+    step = jax.jit(lambda state: clip_step(state, batch, None, frozen, settings))
     state = create_train_state(params, tx)
-    losses = []
+    history = []
     for _ in range(8):
         state, metrics = step(state)
-        losses.append(float(metrics["loss"]))
-    assert losses[-1] < 0.7 * losses[0], losses
+        history.append({k: float(v) for k, v in metrics.items()})
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"], history
+    if presence_weight:
+        first = history[0]
+        assert first["loss"] == pytest.approx(first["contrastive_loss"] + 2.0 * first["presence_loss"], rel=1e-6)
+        # the least it can be: the entropy of each image's target (uniform over the shapes it holds)
+        floor = float(np.mean(np.log(rows["shapes_present"].sum(axis=1))))
+        excess = [h["presence_loss"] - floor for h in history]
+        assert all(b < a for a, b in itertools.pairwise(excess)) and excess[-1] < 0.85 * excess[0], (floor, excess)
     assert float(metrics["logit_scale"]) != pytest.approx(2.6592)  # the temperature trains too
+
+
+def test_word_presence_loss_by_hand():
+    """Two images, two words: the first holds both words, the second only the second."""
+    from ip2p_jax.training.clip import word_presence_loss
+
+    images = jnp.asarray([[1.0, 0.0], [0.0, 1.0]])
+    words = jnp.asarray([[2.0, 0.0], [0.0, 3.0]])  # cosines: the identity
+    present = jnp.asarray([[True, True], [False, True]])
+    loss = word_presence_loss(images, words, jnp.float32(np.log(10.0)), present)
+    log_softmax = 10.0 * np.eye(2) - np.log(np.exp(10.0) + 1.0)
+    expected = (-(0.5 * log_softmax[0, 0] + 0.5 * log_softmax[0, 1]) - log_softmax[1, 1]) / 2
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
 
 
 def _planted(region_bghw: np.ndarray, size, tokens=8) -> np.ndarray:

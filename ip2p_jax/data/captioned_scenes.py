@@ -51,12 +51,14 @@ class CaptionedScene:
       caption: its caption, objects in a random order.
       word_spans: ``(GROUNDED, 2)`` int32 character spans of the grounded words; ``(-1, -1)`` pads.
       word_masks: ``(GROUNDED, 64, 64)`` bool, the pixels each grounded word names (all False where padded).
+      shapes_present: ``(len(shapes.SHAPES),)`` bool, which shapes the scene holds (named in the caption or not).
     """
 
     image: np.ndarray
     caption: str
     word_spans: np.ndarray
     word_masks: np.ndarray
+    shapes_present: np.ndarray
 
 
 def _object_clause(obj: shapes.ShapeObject, form: int) -> tuple[str, int]:
@@ -142,7 +144,8 @@ def captioned_scene(scene: shapes.Scene, order=None, described: shapes.Caption |
             spans[index], masks[index] = span, object_masks[index]
     if described.background_span is not None:
         spans[-1], masks[-1] = described.background_span, ~object_masks.any(axis=0)
-    return CaptionedScene(scene.render(), described.text, spans, masks)
+    present = np.array([any(obj.shape == shape for obj in scene.objects) for shape in shapes.SHAPES])
+    return CaptionedScene(scene.render(), described.text, spans, masks, present)
 
 
 def draw_scene(seed: int, stream: str, index: int) -> tuple[shapes.Scene, list[int]]:
@@ -182,7 +185,8 @@ def draw_hard_negatives(
 
 def batch(elements: list[CaptionedScene], negatives: list[tuple[list[str], list[bool]]] | None = None):
     """Stacks elements: ``image`` ``(B, 64, 64, 3)`` float32 in [-1, 1], ``caption`` ``(B,)`` str, ``word_spans``
-    ``(B, GROUNDED, 2)`` int32, ``word_masks`` ``(B, GROUNDED, 64, 64)`` bool; with ``negatives`` (one
+    ``(B, GROUNDED, 2)`` int32, ``word_masks`` ``(B, GROUNDED, 64, 64)`` bool, ``shapes_present`` ``(B, S)`` bool
+    (``S = len(shapes.SHAPES)``); with ``negatives`` (one
     ``draw_hard_negatives`` result per element) also ``hard_negatives`` ``(B, N)`` str and ``hard_negative_valid``
     ``(B, N)`` bool."""
     extra = {}
@@ -197,6 +201,7 @@ def batch(elements: list[CaptionedScene], negatives: list[tuple[list[str], list[
         "caption": np.array([e.caption for e in elements]),
         "word_spans": np.stack([e.word_spans for e in elements]),
         "word_masks": np.stack([e.word_masks for e in elements]),
+        "shapes_present": np.stack([e.shapes_present for e in elements]),
     }
 
 

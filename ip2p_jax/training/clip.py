@@ -7,6 +7,12 @@ captions -> their images). ``logit_scale`` trains, clipped at ``log(100)`` as CL
 Hard negatives (``data/hard_negatives.py``): each image may also meet ``N`` captions of its own that differ from
 its caption by one word and do not describe it. They join that image's row of logits as extra wrong answers
 (image -> caption only: they belong to no image), so the loss can fall only by reading the changed word.
+
+Word presence (``presence_weight`` above 0): each image also meets the single words of the scenes' shapes
+("circle", "square", ...) as ``S`` more captions, and the cross-entropy of its ``(S,)`` logits against the uniform
+distribution over the shapes it holds joins the loss. In-batch captions tell scenes apart by whatever is easiest
+(colours, counts); this term can fall only by seeing each shape and reading its word. It has no parameters of its
+own: the exported CLIP is a plain one.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class CLIPSettings:
 
     Attributes:
       clip: the module being trained (both towers).
+    presence_weight: the word-presence term's weight (0: off; the step then needs no ``shapes_present``).
     """
 
     clip: CLIPModel
@@ -39,6 +46,7 @@ class CLIPSettings:
     ema_max_decay: float = 0.999
     accumulation: int = 1
     learning_rate: float = 1e-4
+    presence_weight: float = 0.0
 
 
 def contrastive_loss(
@@ -75,6 +83,24 @@ def contrastive_loss(
     return (image_to_text + text_to_image) / 2, accuracy
 
 
+def word_presence_loss(
+    image_embeds_bp: jax.Array, word_embeds_sp: jax.Array, logit_scale: jax.Array, present_bs: jax.Array
+) -> jax.Array:
+    """The mean over images of the cross-entropy between the softmax of an image's logits against ``S`` words and
+    the uniform distribution over the words present in it (every image holds at least one).
+
+    Args:
+      image_embeds_bp: ``(B, P)`` projections of the images.
+      word_embeds_sp: ``(S, P)`` projections of the single words.
+      logit_scale: the learned log temperature (shared with the contrastive loss).
+      present_bs: ``(B, S)`` bool, which words each image holds.
+    """
+    scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
+    logits = scale * l2_normalize(image_embeds_bp) @ l2_normalize(word_embeds_sp).T
+    target = present_bs / jnp.sum(present_bs, axis=1, keepdims=True)
+    return optax.softmax_cross_entropy(logits, target).mean()
+
+
 def clip_step(
     state: TrainState, batch: dict[str, jax.Array], key: jax.Array, frozen: dict, settings: CLIPSettings
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -85,31 +111,45 @@ def clip_step(
       batch: ``pixel_values`` ``(B, S, S, 3)`` (CLIP-normalised) and ``input_ids`` ``(B, T)``; optionally
         ``negative_input_ids`` ``(B, N, T)`` and ``negative_valid`` ``(B, N)`` bool (hard negatives); ``T`` is the
         captions' length (77, or less after ``trim_padding``).
-      key, frozen: unused (the interface of ``train_step``); the step is deterministic.
+      key: unused (the interface of ``train_step``); the step is deterministic.
+      frozen: with ``presence_weight``: ``presence_input_ids`` ``(S, T)``, the shape words' ids; and the batch
+        then has ``shapes_present`` ``(B, S)`` bool.
 
     Returns:
-      The new state and float32 metrics: ``loss``, ``accuracy`` (in-batch image -> caption), ``logit_scale``, and
-      the norms of ``norm_metrics``.
+      The new state and float32 metrics: ``loss``, ``accuracy`` (in-batch image -> caption), ``logit_scale``, the
+      norms of ``norm_metrics``; with word presence also ``contrastive_loss`` and ``presence_loss``.
     """
-    del key, frozen
+    del key
 
     def loss_fn(params):
         ids, negative_ids = batch["input_ids"], batch.get("negative_input_ids")
+        batch_size, length = ids.shape
         if negative_ids is not None:  # one pass of the text tower over the captions and their negatives
-            ids = jnp.concatenate([ids, negative_ids.reshape(-1, ids.shape[-1])])
+            ids = jnp.concatenate([ids, negative_ids.reshape(-1, length)])
+        if settings.presence_weight:  # ... and the shape words (padded or cut to the captions' length)
+            words = frozen["presence_input_ids"]
+            words = jnp.pad(words, ((0, 0), (0, max(0, length - words.shape[1]))))[:, :length]
+            ids = jnp.concatenate([ids, words])
         image_embeds, text_embeds, logit_scale = settings.clip.apply({"params": params}, batch["pixel_values"], ids)
-        if negative_ids is None:
-            return contrastive_loss(image_embeds, text_embeds, logit_scale)
-        batch_size = image_embeds.shape[0]
-        negatives = text_embeds[batch_size:].reshape(*negative_ids.shape[:2], -1)
-        return contrastive_loss(image_embeds, text_embeds[:batch_size], logit_scale, negatives, batch["negative_valid"])
+        negatives, valid = None, None
+        if negative_ids is not None:
+            negatives = text_embeds[batch_size : batch_size * (1 + negative_ids.shape[1])]
+            negatives, valid = negatives.reshape(*negative_ids.shape[:2], -1), batch["negative_valid"]
+        loss, accuracy = contrastive_loss(image_embeds, text_embeds[:batch_size], logit_scale, negatives, valid)
+        if not settings.presence_weight:
+            return loss, (accuracy, {})
+        word_embeds = text_embeds[-frozen["presence_input_ids"].shape[0] :]
+        presence = word_presence_loss(image_embeds, word_embeds, logit_scale, batch["shapes_present"])
+        parts = {"contrastive_loss": loss, "presence_loss": presence}
+        return loss + settings.presence_weight * presence, (accuracy, parts)
 
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (accuracy, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state, updates = apply_gradients(
         state, grads, settings.tx, accumulation=settings.accumulation, ema_max_decay=settings.ema_max_decay
     )
     norms = norm_metrics(grads, new_state.params, updates, settings.learning_rate)
-    return new_state, {"loss": loss, "accuracy": accuracy, "logit_scale": new_state.params["logit_scale"], **norms}
+    metrics = {"loss": loss, "accuracy": accuracy, "logit_scale": new_state.params["logit_scale"], **parts}
+    return new_state, {**metrics, **norms}
 
 
 def trim_padding(input_ids_bt: np.ndarray, eos_token_id: int, multiple: int = 16) -> np.ndarray:
