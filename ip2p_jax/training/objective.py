@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +86,30 @@ def target(
         return noise
     alpha = _per_example(alphas_cumprod, timesteps)
     return velocity(clean, noise, jnp.sqrt(alpha), jnp.sqrt(1 - alpha))
+
+
+class NoisedLatents(NamedTuple):
+    """A batch of clean latents taken to random timesteps: ``timesteps`` ``(B,)`` int32, ``noisy`` and ``target``
+    ``(B, H, W, C)`` (what the UNet sees and what it should output)."""
+
+    timesteps: jax.Array
+    noisy: jax.Array
+    target: jax.Array
+
+
+def noise_latents(
+    time_key: jax.Array, noise_key: jax.Array, latents: jax.Array, alphas_cumprod: jax.Array, objective: Objective
+) -> NoisedLatents:
+    """The diffusion training example of the IP2P and text-to-image steps: each latent's timestep uniform over the
+    schedule (``time_key``), its noise (``noise_key``, with the objective's offset), the noised latent and the
+    objective's target."""
+    timesteps = jax.random.randint(time_key, (latents.shape[0],), 0, alphas_cumprod.shape[0])
+    noise = draw_noise(noise_key, latents.shape, objective.noise_offset)
+    return NoisedLatents(
+        timesteps,
+        add_noise(alphas_cumprod, timesteps, latents, noise),
+        target(alphas_cumprod, timesteps, latents, noise, objective.prediction_type),
+    )
 
 
 def snr(alphas_cumprod: jax.Array, timesteps: jax.Array) -> jax.Array:

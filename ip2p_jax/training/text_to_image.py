@@ -22,7 +22,7 @@ from ip2p_jax.models.clip_text import CLIPTextModel
 from ip2p_jax.models.unet import UNet2DConditionModel
 from ip2p_jax.models.vae import AutoencoderKL, sample_latent
 from ip2p_jax.training.grounding import grounding_losses
-from ip2p_jax.training.objective import Objective, add_noise, diffusion_loss, draw_noise, target
+from ip2p_jax.training.objective import Objective, diffusion_loss, noise_latents
 from ip2p_jax.training.state import TrainState, apply_gradients, norm_metrics
 
 
@@ -86,10 +86,7 @@ def text_to_image_step(
 
     objective = settings.objective
     alphas_cumprod = jnp.asarray(settings.alphas_cumprod, jnp.float32)
-    timesteps = jax.random.randint(k_time, (batch_size,), 0, alphas_cumprod.shape[0])
-    noise = draw_noise(k_noise, latents.shape, objective.noise_offset)
-    noisy = add_noise(alphas_cumprod, timesteps, latents, noise)
-    wanted = target(alphas_cumprod, timesteps, latents, noise, objective.prediction_type)
+    timesteps, noisy, wanted = noise_latents(k_time, k_noise, latents, alphas_cumprod, objective)
     control = RecordCrossAttention(sizes=settings.grounding_sizes) if settings.grounded else None
 
     def loss_fn(params):
