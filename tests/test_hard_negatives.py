@@ -160,9 +160,10 @@ def test_shape_word_similarity_known_answers():
         shape_word_similarity(one_hot, tokenizer, "make the {}s blue")
 
 
-def test_vision_shape_probe_runs_both_probes(capsys):
+def test_vision_shape_probe_runs_both_probes(capsys, tmp_path):
     """tools/vision_shape_probe.py on the shipped CLIP: the linear read-out reports an accuracy per shape beside its
-    base rate; the supervised probe trains a few steps and reports the held-out accuracy."""
+    base rate; the supervised probe trains a few steps and reports the held-out accuracy; with ``--save`` it starts
+    from the folder's weights and writes a CLIP whose vision tower alone changed."""
     import sys
     from pathlib import Path
 
@@ -178,3 +179,19 @@ def test_vision_shape_probe_runs_both_probes(capsys):
     assert [line.split(":")[0] for line in lines] == ["step 1", "step 2"]
     with pytest.raises(SystemExit):
         vision_shape_probe.main(["--train", "--steps", "0"])
+    with pytest.raises(SystemExit):
+        vision_shape_probe.main(["--linear", "--save", str(tmp_path / "x")])
+
+    import numpy as np
+    from flax import traverse_util
+
+    from ip2p_jax.weights import load_clip
+
+    vision_shape_probe.main(["--train", "--steps", "1", "--batch", "4", "--save", str(tmp_path / "clip")])
+    capsys.readouterr()
+    _, before = load_clip(vision_shape_probe.DEFAULT_MODEL)
+    _, after = load_clip(tmp_path / "clip")
+    before, after = traverse_util.flatten_dict(before), traverse_util.flatten_dict(after)
+    assert before.keys() == after.keys()
+    changed = {path[0] for path in before if not np.array_equal(before[path], after[path])}
+    assert changed == {"vision_model"}, changed

@@ -6,10 +6,13 @@
 * ``--train`` trains the same tower architecture from scratch (the CLIP folder's config, with ``--patch-size`` if
   given), supervised on shape presence (a linear head, binary cross-entropy, AdamW): whether the architecture can learn
   shapes at all, and how fast, without a contrastive loss in between. A tower that cannot learn them when told will
-  not learn them from captions.
+  not learn them from captions. With ``--save DIR`` it starts from the folder's own weights instead and writes the
+  CLIP with the trained vision tower (text tower untouched, the head dropped) as a CLIP folder: a vision tower
+  pretrained on shapes for the CLIP task to start from (``--config.model=DIR``).
 
     python tools/vision_shape_probe.py --linear --model models/shapes-clip
     python tools/vision_shape_probe.py --train --model models/shapes-clip --patch-size 4 --steps 400
+    python tools/vision_shape_probe.py --train --model runs/clip/initial-model --steps 1200 --save runs/clip-vision
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-clip"
 
 
 def scenes(stream: str, start: int, count: int):
@@ -64,8 +70,11 @@ def linear_probe(model: str, count: int = 2000, held_out: int = 500) -> tuple[li
     return list((predicted == (test_y > 0.5)).mean(axis=0)), list(test_y.mean(axis=0))
 
 
-def supervised(model: str, patch_size: int | None, learning_rate: float, steps: int, batch: int, every: int):
-    """Trains the tower from scratch on shape presence; yields ``(step, loss, held-out accuracy per shape)``."""
+def supervised(
+    model: str, patch_size: int | None, learning_rate: float, steps: int, batch: int, every: int, save: str = ""
+):
+    """Trains the tower on shape presence, from scratch (from the folder's weights with ``save``, which writes the
+    CLIP with the trained tower there at the end); yields ``(step, loss, held-out accuracy per shape)``."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -74,17 +83,20 @@ def supervised(model: str, patch_size: int | None, learning_rate: float, steps: 
     from ip2p_jax.models.clip import CLIPModel
     from ip2p_jax.weights import load_clip
 
-    clip, _ = load_clip(model)
+    clip, weights = load_clip(model)
     config = clip.config
     if patch_size is not None:
         config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, patch_size=patch_size))
     tower = CLIPModel(config)
     size = config.vision.image_size
     init = tower.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1, 8), jnp.int32))["params"]
-    params = {"clip": init, "head": {"w": jnp.zeros((config.vision.hidden_size, 4)), "b": jnp.zeros(4)}}
+    base = weights if save else init  # only its vision tower trains
+    head = {"w": jnp.zeros((config.vision.hidden_size, 4)), "b": jnp.zeros(4)}
+    params = {"vision": base["vision_model"], "head": head}
 
     def logits(params, x):
-        pooled = tower.apply({"params": params["clip"]}, x, method=lambda m, x: m.vision_model(x)[1])
+        clip_params = {**base, "vision_model": params["vision"]}
+        pooled = tower.apply({"params": clip_params}, x, method=lambda m, x: m.vision_model(x)[1])
         return pooled @ params["head"]["w"] + params["head"]["b"]
 
     def loss_fn(params, x, y):
@@ -108,11 +120,15 @@ def supervised(model: str, patch_size: int | None, learning_rate: float, steps: 
         if (number + 1) % every == 0 or number + 1 == steps:
             accuracy = (np.asarray(predict(params, test_x)) > 0) == (test_y > 0.5)
             yield number + 1, float(loss), list(accuracy.mean(axis=0))
+    if save:
+        from ip2p_jax.weights.export import export_clip
+
+        export_clip(save, jax.device_get({**base, "vision_model": params["vision"]}), source=model)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/shapes-clip", help="a CLIP folder (its weights or its config)")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="a CLIP folder (its weights or its config)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--linear", action="store_true", help="a linear read-out of the folder's frozen tower")
     mode.add_argument("--train", action="store_true", help="the folder's tower architecture trained from scratch")
@@ -122,7 +138,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--every", type=int, default=100, help="--train: held-out accuracy every N steps")
     parser.add_argument("--scenes", type=int, default=2000, help="--linear: training scenes of the read-out")
+    parser.add_argument("--save", default="", help="--train: start from the folder's weights, write the CLIP here")
     args = parser.parse_args(argv)
+    if args.save and (not args.train or args.patch_size is not None):
+        parser.error("--save goes with --train and the folder's own architecture (no --patch-size)")
     if min(args.steps, args.batch, args.every, args.scenes) < 1 or (
         args.patch_size is not None and args.patch_size < 1
     ):
@@ -136,7 +155,7 @@ def main(argv=None) -> None:
         return
     start = time.time()
     for step, loss, accuracy in supervised(
-        args.model, args.patch_size, args.learning_rate, args.steps, args.batch, args.every
+        args.model, args.patch_size, args.learning_rate, args.steps, args.batch, args.every, args.save
     ):
         shown = ", ".join(f"{shape} {a:.1%}" for shape, a in zip(SHAPES, accuracy, strict=True))
         print(f"step {step}: loss {loss:.3f}; held-out accuracy {shown} ({time.time() - start:.0f} s)", flush=True)
