@@ -1,8 +1,15 @@
-"""The miniature lineage's CLIP (``models/shapes-clip``): a small CLIP trained contrastively from scratch on the
-endless stream of captioned ShapesEdit scenes (every shape-colour combination). Its text tower is the frozen text
-encoder of the lineage's text-to-image and InstructPix2Pix models; the whole CLIP is ShapesEdit's CLIP metric model.
+"""The miniature lineage's CLIP (``models/shapes-clip``): a small CLIP trained contrastively on the endless stream
+of captioned ShapesEdit scenes (every shape-colour combination). Its text tower is the frozen text encoder of the
+lineage's text-to-image and InstructPix2Pix models; the whole CLIP is ShapesEdit's CLIP metric model.
 
-    python train.py --config configs/shapes_clip.py --workdir runs/shapes-clip
+The shipped one in three steps (docs/shapes.md): the random CLIP (``--config.steps=0`` writes it to
+``WORKDIR/initial-model`` and stops), its vision tower trained on shape presence (a contrastive loss alone never
+taught it shapes), then the CLIP from there (the ``from_vision`` variant):
+
+    python train.py --config configs/shapes_clip.py --workdir runs/shapes-clip-new --config.steps=0
+    python tools/vision_shape_probe.py --train --model runs/shapes-clip-new/initial-model --steps 1200 \
+        --save runs/shapes-clip-vision
+    python train.py --config configs/shapes_clip.py:from_vision --workdir runs/shapes-clip
     python export.py --workdir runs/shapes-clip --out models/shapes-clip
 """
 
@@ -12,7 +19,11 @@ from ip2p_jax.data.shapes import WORDS
 from ip2p_jax.training.config import training_config
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """``""``: from a random CLIP; ``"from_vision"``: from ``runs/shapes-clip-vision``, the random CLIP whose vision
+    tower ``tools/vision_shape_probe.py --save`` trained on shape presence, for 1,000 steps."""
+    if variant not in ("", "from_vision"):
+        raise ValueError(f"unknown variant {variant!r} of configs/shapes_clip.py ('' or 'from_vision')")
     config = training_config("clip")
     config.new_model = dict(
         clip=dict(
@@ -51,5 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample = dict(every=250, count=0)
     # held-out scenes for retrieval and the picks (training/evaluators.py)
     config.eval = dict(name="retrieval", count=100)
+    if variant == "from_vision":
+        config.model = "runs/shapes-clip-vision"
+        config.steps = 1000
     config.lock()
     return config
