@@ -314,7 +314,8 @@ class InstructPix2PixPipeline:
             inside when any of its area is). The masks returned are these.
         """
         images, prompts, per_image, foi = _images_and_instructions(image, prompt, instructions, foi)
-        given_masks = foi_call.given_masks(masks, [to_rgb_array(im).shape[:2] for im in images], per_image)
+        image_sizes = None if masks is None else [to_rgb_array(im).shape[:2] for im in images]
+        given_masks = foi_call.given_masks(masks, image_sizes, per_image)
         call = self._settle(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,

@@ -53,9 +53,10 @@ def check_call(
         )
 
 
-def given_masks(masks, image_sizes: list[tuple[int, int]], per_image) -> list[np.ndarray] | None:
+def given_masks(masks, image_sizes: list[tuple[int, int]] | None, per_image) -> list[np.ndarray] | None:
     """``masks=`` checked against the call: FoI only, one ``(k, H, W)`` array of 0 / 1 per image (``k`` its number
-    of sub-instructions, ``(H, W)`` its size, ``image_sizes``); as float32 arrays, or ``None`` when none are given."""
+    of sub-instructions, ``(H, W)`` its size, ``image_sizes``, which the caller need not find without masks); as
+    float32 arrays, or ``None`` when none are given."""
     if masks is None:
         return None
     if per_image is None:
