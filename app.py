@@ -4,10 +4,12 @@
     python app.py --model timbrooks/instruct-pix2pix --share
 
 Upload a picture and write an instruction. Several instructions, one per line, edit at once with FoI; a line
-``instruction | keyword`` names the region word FoI localises (``| keyword | alpha`` also its attention boost). The
-edit, FoI's masks over the input and the plain IP2P edit (the instructions joined, same steps and seed) are shown side
-by side. Requests wait in one queue and run one at a time on one pipeline, whose compiled samplers they share: the
-first edit of a picture size and settings compiles (seconds to a minute), the next ones run at once.
+``instruction | keyword`` names the region word FoI localises (``| keyword | alpha`` also its attention boost). Or
+paint the regions yourself: the brush shows the uploaded picture, and layer ``k`` is instruction ``k``'s region (used
+as FoI's masks in place of the ones it finds; clear every layer to go back to them). The edit, FoI's masks over the
+input and the plain IP2P edit (the instructions joined, same steps and seed) are shown side by side. Requests wait in
+one queue and run one at a time on one pipeline, whose compiled samplers they share: the first edit of a picture size
+and settings compiles (seconds to a minute), the next ones run at once.
 """
 
 from __future__ import annotations
@@ -126,9 +128,34 @@ def read_upload(path: str | None, max_size: int):
     return image
 
 
-def make_editor(pipe, foi_config, max_size: int):
-    """The request handler: ``(upload path, instructions, steps, s_T, s_I, seed, strength) -> (edit, masks, IP2P
-    edit)``. Errors reach the page as ``gr.Error`` messages; the server keeps serving."""
+def brush_masks(layers: list, size: tuple[int, int], count: int):
+    """The brush's layers as FoI's masks: ``(count, H, W)`` uint8 at the picture's ``size`` ``(W, H)``, layer ``k``'s
+    painted pixels (alpha > 0; a pixel is inside when any of its area is painted) instruction ``k``'s region. ``None``
+    when nothing is painted: FoI finds its own masks."""
+    import numpy as np
+    from PIL import Image
+
+    painted = [np.asarray(layer.convert("RGBA").getchannel("A").resize(size, Image.BOX)) > 0 for layer in layers]
+    used = [k for k, mask in enumerate(painted) if mask.any()]
+    if not used:
+        return None
+    if used[-1] >= count:
+        raise ValueError(
+            f"brush layer {used[-1] + 1} is painted, but there are {count} instruction(s): layer k is instruction k"
+        )
+    missing = [k + 1 for k in range(count) if k not in used]
+    if missing:
+        raise ValueError(
+            f"paint a region for instruction(s) {', '.join(map(str, missing))} (brush layer k is instruction k), or "
+            "clear every layer to let FoI find the masks"
+        )
+    return np.stack(painted[:count]).astype(np.uint8)
+
+
+def make_editor(pipe, foi_config, max_size: int, brush=None):
+    """The request handler: ``(upload, instructions, brush, steps, s_T, s_I, seed, strength) -> (edit, masks, IP2P
+    edit)``; ``brush`` is the page's ``gr.ImageEditor`` (its raw value is read through it). Errors reach the page as
+    ``gr.Error`` messages; the server keeps serving."""
     import dataclasses
 
     import gradio as gr
@@ -136,12 +163,20 @@ def make_editor(pipe, foi_config, max_size: int):
     from ip2p_jax.foi import composite_prompt
     from ip2p_jax.visualisation import mask_overlay
 
-    def edit(upload, instructions, steps, guidance_scale, image_guidance_scale, seed, strength):
+    def painted_layers(value) -> list:
+        if not value or brush is None:
+            return []
+        from gradio.components.image_editor import EditorData
+
+        return brush.preprocess(EditorData.model_validate(value))["layers"]
+
+    def edit(upload, instructions, painted, steps, guidance_scale, image_guidance_scale, seed, strength):
         # The event skips Gradio's preprocessing (``preprocess=False``): the upload arrives as its file record,
         # and a file that is not a picture gets this editor's message rather than a failed component.
         try:
             image = read_upload(None if upload is None else upload["path"], max_size)
             subs = parse_instructions(instructions or "")
+            masks = brush_masks(painted_layers(painted), image.size, len(subs))
             common = dict(
                 num_inference_steps=int(steps),
                 guidance_scale=float(guidance_scale),
@@ -149,11 +184,11 @@ def make_editor(pipe, foi_config, max_size: int):
                 seed=int(seed),
                 progress=False,
             )
-            if len(subs) == 1 and subs[0].keyword is None:
+            if len(subs) == 1 and subs[0].keyword is None and masks is None:
                 result = pipe(image, subs[0].text, strength=float(strength), **common)
                 return result.images[0], [], None
             foi = dataclasses.replace(foi_config, strength=float(strength))
-            result = pipe(image, instructions=subs, foi=foi, **common)
+            result = pipe(image, instructions=subs, foi=foi, masks=None if masks is None else [masks], **common)
             plain = pipe(image, composite_prompt(subs)[0], strength=float(strength), **common).images[0]
         except ValueError as error:  # bad uploads, instructions and settings: shown on the page
             raise gr.Error(str(error)) from None
@@ -168,6 +203,15 @@ def make_editor(pipe, foi_config, max_size: int):
     return edit
 
 
+def brush_background(upload, max_size: int):
+    """The uploaded picture as the brush's canvas, at the size the edit will use (``None``: clear it; a file that is
+    not a picture is left to the edit's message)."""
+    try:
+        return read_upload(None if upload is None else upload["path"], max_size)
+    except ValueError:
+        return None
+
+
 def build_app(pipe, foi_config, max_size: int, model_name: str):
     """The page: inputs on the left, the edit, FoI's masks and the IP2P edit on the right."""
     try:
@@ -175,7 +219,6 @@ def build_app(pipe, foi_config, max_size: int, model_name: str):
     except ImportError as error:
         raise SystemExit("app.py needs Gradio: pip install -e '.[app]'") from error
 
-    edit = make_editor(pipe, foi_config, max_size)
     with gr.Blocks(title="ip2p_jax editor") as app:
         gr.Markdown(
             f"## Instruction-based editing\nModel: `{model_name}`. One instruction per line; with several, or with "
@@ -189,6 +232,15 @@ def build_app(pipe, foi_config, max_size: int, model_name: str):
                     lines=3,
                     placeholder="make the circle blue | circle\nremove the square | square",
                     elem_id="instructions",
+                )
+                brush = gr.ImageEditor(
+                    label="your own regions (optional): brush layer k is instruction k",
+                    type="pil",
+                    image_mode="RGBA",
+                    sources=(),
+                    transforms=(),
+                    elem_id="brush",
+                    height=320,
                 )
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=20, step=1, label="steps", elem_id="steps")
@@ -213,8 +265,10 @@ def build_app(pipe, foi_config, max_size: int, model_name: str):
                     interactive=False,
                     height=320,
                 )
-        inputs = [image, instructions, steps, guidance, image_guidance, seed, strength]
+        edit = make_editor(pipe, foi_config, max_size, brush)
+        inputs = [image, instructions, brush, steps, guidance, image_guidance, seed, strength]
         run.click(edit, inputs, [edited, masks, plain], api_name="edit", preprocess=False)
+        image.change(lambda upload: brush_background(upload, max_size), image, brush, preprocess=False)
         if EXAMPLE.is_file():
             gr.Examples(
                 [[str(EXAMPLE), "make the circle blue | circle\nremove the square | square"]], [image, instructions]

@@ -15,14 +15,14 @@ Methods, all from the same seeds (image ``i`` of a batch draws from ``fold_in(PR
 schedule where FoI does), ``foi`` (Focus on Your Instruction, each sub-instruction with its keyword) and FoI's
 ablations ``foi_no_modulation`` and ``foi_no_decoupled_guidance``. On request (``--config.methods``), for several
 instructions: ``foi_true_masks`` (ShapesEdit's true regions as FoI's masks: its ceiling), ``foi_per_instruction``
-and ``foi_per_instruction_true_masks`` (one text branch per sub-instruction, ``FoIConfig.text_branches``), and
-``ip2p_sequential`` and ``foi_sequential`` (one instruction at a time, each output edited by the next: the
+and ``foi_per_instruction_true_masks`` (one text branch per sub-instruction, ``FoIConfig.text_branches``),
+``foi_composite`` and ``foi_composite_true_masks`` (the paper's one composite prompt, whatever the model's settings
+say), and ``ip2p_sequential`` and ``foi_sequential`` (one instruction at a time, each output edited by the next: the
 multi-turn baseline). And two references that run no model, the judge's known answers: ``ground_truth`` (the exact
-edited picture) and ``input`` (the picture unedited). For each: edit
-success per instruction, overall and by kind of edit (recolour, reshape, remove, background), the share of examples
-with every instruction carried out, the change outside the ground-truth region (mean absolute
-change in levels of 255, and PSNR), and for FoI the mask IoU at mask resolution
-(``ip2p_jax/evaluation/shapes_edit.py``).
+edited picture) and ``input`` (the picture unedited). For each: edit success per instruction, overall and by kind of
+edit (recolour, reshape, remove, background), the share of examples with every instruction carried out, the change
+outside the ground-truth region (mean absolute change in levels of 255, and PSNR), and for FoI the mask IoU at mask
+resolution (``ip2p_jax/evaluation/shapes_edit.py``).
 
 Writes ``OUT/results.md`` (a table), ``OUT/results.json`` (settings, aggregates and per-example figures) and
 ``OUT/examples.png`` (input | ground truth | FoI's masks | IP2P | FoI, enlarged 3x).
@@ -49,6 +49,8 @@ METHODS = ("ip2p", "ip2p_strength_0.8", "foi", "foi_no_modulation", "foi_no_deco
 # instruction at a time (each output edited by the next instruction: the multi-turn baseline).
 MULTI_METHODS = (
     "foi_true_masks",
+    "foi_composite",
+    "foi_composite_true_masks",
     "foi_per_instruction",
     "foi_per_instruction_true_masks",
     "ip2p_sequential",
@@ -154,6 +156,8 @@ def edit_batch(pipe, method: str, foi_config, examples: list[dict], args, seed: 
         config = dataclasses.replace(config, decoupled_guidance=False)
     elif method.startswith("foi_per_instruction"):
         config = dataclasses.replace(config, text_branches="per_instruction")
+    elif method.startswith("foi_composite"):
+        config = dataclasses.replace(config, text_branches="composite")
     masks = [e["regions"] for e in examples] if method.endswith("_true_masks") else None
     instructions = [list(zip(e["instructions"], e["keywords"], strict=True)) for e in examples]
     out = pipe(images, instructions=instructions, foi=config, masks=masks, **common)

@@ -9,12 +9,20 @@ from pretraining. The shipped folder's ``foi_config.json`` (gamma 1, tau 0.1) wa
     python train.py --config configs/shapes_ip2p.py --workdir runs/shapes-ip2p
     python export.py --workdir runs/shapes-ip2p --out models/shapes-ip2p
 
-That is stage 3b. The shipped folder (stage 3c) continues it for 2,500 steps with v-prediction and zero terminal
-SNR, the objective that fixed its weak high-noise denoising (docs/shapes.md):
+That is stage 3b, from the stage-2b text-to-image folder (``models/shapes-t2i`` of commit e2fad12; add
+``--config.model=runs/stage-2b/models/shapes-t2i`` after ``configs/shapes_t2i.py``'s ``git archive`` line). The
+shipped folder (stage 3c) continues it for 2,500 steps with v-prediction and zero terminal SNR, the objective that
+fixed its weak high-noise denoising (docs/shapes.md):
 
     python train.py --config configs/shapes_ip2p.py --config.model=models/shapes-ip2p --config.init_from=ip2p \
         --config.objective.prediction_type=v_prediction --config.objective.rescale_betas_zero_snr=True \
         --config.steps=2500 --workdir runs/ip2p-cont-vz
+
+The variant ``regrown`` (issue 31) is the same stage over the regrown text-to-image model (``configs/shapes_t2i.py``
+variant ``regrown``, shipped in ``models/shapes-t2i``), which already predicts v with zero terminal SNR, so the
+fine-tuning does too from its first step, for 2,500 steps:
+
+    python train.py --config configs/shapes_ip2p.py:regrown --workdir runs/shapes-ip2p-regrown
 """
 
 import ml_collections
@@ -22,7 +30,9 @@ import ml_collections
 from ip2p_jax.training.config import diffusion_objective, edit_data, training_config, unet_kernels
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    if variant not in ("", "regrown"):
+        raise ValueError(f"unknown variant {variant!r} of configs/shapes_ip2p.py (none, or regrown)")
     config = training_config("ip2p", model="models/shapes-t2i")  # the lineage's text-to-image model
     config.init_from = "sd"  # 4 -> 8 input channels
     config.steps = 3000  # 65 min here (about 1.3 s a step alone, docs/shapes.md stage 3b)
@@ -38,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
         gamma=1,  # FoI's mask extraction (FoIConfig.gamma, tau): the text-to-image stage's measured best
         tau=0.2,
     )
+    if variant == "regrown":
+        config.steps = 2500  # about 55 min alone here
+        config.objective.prediction_type = "v_prediction"
+        config.objective.rescale_betas_zero_snr = True
     unet_kernels(config)
     config.lock()
     return config

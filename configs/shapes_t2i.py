@@ -6,19 +6,22 @@ of the lineage's CLIP (``configs/shapes_clip.py``), with 10 % caption dropout an
     python train.py --config configs/shapes_t2i.py --workdir runs/shapes-t2i
     python export.py --workdir runs/shapes-t2i --out models/shapes-t2i
 
-``--config.grounding.token_weight=0 --config.grounding.pixel_weight=0`` trains without grounding. The shipped folder
-continues that run on varied captions (docs/shapes.md, stage 2b):
+``--config.grounding.token_weight=0 --config.grounding.pixel_weight=0`` trains without grounding. Stage 2b continued
+that run's export on varied captions (docs/shapes.md):
 
     python train.py --config configs/shapes_t2i.py --config.model=models/shapes-t2i --config.data.caption_style=varied \
         --config.steps=1000 --workdir runs/shapes-t2i-varied
 
-The variant ``regrown`` (issue 31) regrows the stage over the CLIP trained with hard negatives: the stage-2b UNet
-(copied into the run's initial model: its picture prior is kept, its cross-attention relearns the new encoder's
-words), captions in the instructions' grammar (``instructions``), v-prediction and zero terminal SNR (what stage 3c
-taught):
+The variant ``regrown`` (issue 31; the folder shipped in ``models/shapes-t2i`` since then) regrows the stage over the
+CLIP trained with hard negatives: the stage-2b UNet (copied into the run's initial model: its picture prior is kept,
+its cross-attention relearns the new encoder's words), captions in the instructions' grammar (``instructions``),
+v-prediction and zero terminal SNR (what stage 3c taught). The stage-2b folder is ``models/shapes-t2i`` of commit
+e2fad12:
 
+    git archive e2fad12 models/shapes-t2i | tar -x -C runs/stage-2b
     python train.py --config configs/shapes_t2i.py:regrown --workdir runs/shapes-t2i-regrown \
-        --config.new_model.unet=PREVIOUS/unet --config.new_model.text_encoder=models/shapes-clip
+        --config.new_model.unet=runs/stage-2b/models/shapes-t2i/unet --config.new_model.text_encoder=models/shapes-clip
+    python export.py --workdir runs/shapes-t2i-regrown --out models/shapes-t2i
 """
 
 import ml_collections
@@ -43,9 +46,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         norm_num_groups=16,
         sample_size=16,
     )
-    # regrown: a trained 4-channel UNet folder
+    # regrown: a trained 4-channel UNet folder (the stage-2b one, above)
     config.new_model = dict(
-        unet="models/shapes-t2i/unet" if variant == "regrown" else architecture,
+        unet="runs/stage-2b/models/shapes-t2i/unet" if variant == "regrown" else architecture,
         vae="models/shapes-ip2p/vae",  # the shipped autoencoder (64 x 64 -> 16 x 16 x 4)
         text_encoder="models/shapes-clip",  # a CLIP folder: its text tower and tokenizer
     )

@@ -111,3 +111,74 @@ def test_a_bad_upload_shows_an_error_and_the_app_keeps_serving(page, tmp_path):
     )
     assert shown_picture(page, "#edited").size == Image.open(EXAMPLE).size
     assert page.locator("#masks img").count() == 0
+
+
+def painted_layer(size: tuple[int, int], box: tuple[int, int, int, int] | None) -> Image.Image:
+    """A brush layer as the canvas exports it: transparent, with ``box`` (left, top, right, bottom) painted."""
+    layer = Image.new("RGBA", size, (0, 0, 0, 0))
+    if box is not None:
+        layer.paste((255, 0, 0, 255), box)
+    return layer
+
+
+def test_brush_layers_are_the_masks_of_their_instructions_and_bad_brushes_are_clear_errors():
+    import app
+
+    size = (8, 6)
+    layers = [painted_layer(size, (0, 0, 2, 3)), painted_layer(size, (5, 4, 8, 6)), painted_layer(size, None)]
+    masks = app.brush_masks(layers, size, 2)
+    assert masks.shape == (2, 6, 8) and masks.dtype == np.uint8
+    assert masks[0].sum() == 6 and masks[0, :3, :2].all()
+    assert masks[1].sum() == 6 and masks[1, 4:, 5:].all()
+    # A canvas at another size is brought to the picture's: a pixel is inside when any of its area is painted.
+    big = painted_layer((16, 12), (0, 0, 1, 1))
+    assert app.brush_masks([big, big], size, 2)[0].sum() == 1
+    assert app.brush_masks([painted_layer(size, None)], size, 2) is None  # nothing painted: FoI finds its masks
+    assert app.brush_masks([], size, 1) is None
+    with pytest.raises(ValueError, match="instruction\\(s\\) 2"):
+        app.brush_masks(layers[:1], size, 2)
+    with pytest.raises(ValueError, match="brush layer 2 is painted, but there are 1 instruction"):
+        app.brush_masks(layers, size, 1)
+
+
+def test_a_brush_edit_is_the_pipelines_edit_with_those_masks(served, tmp_path):
+    """The handler reads the brush's raw value (file records, as the page sends them) through the component: the
+    edit equals the pipeline's with the painted layers as ``masks=``, and the masks shown are the painted ones."""
+    import dataclasses
+
+    import gradio as gr
+
+    import app
+
+    _, pipe, foi_config = served
+    picture = Image.open(EXAMPLE).convert("RGB")
+    boxes = [(0, 0, 32, 32), (32, 32, 64, 64)]
+    records = []
+    for index, box in enumerate(boxes):
+        path = tmp_path / f"layer{index}.png"
+        painted_layer(picture.size, box).save(path)
+        records.append({"path": str(path), "meta": {"_type": "gradio.FileData"}})
+    value = {"background": None, "layers": records, "composite": None}
+    brush = gr.ImageEditor(type="pil", image_mode="RGBA", render=False)
+    edit = app.make_editor(pipe, foi_config, max(picture.size), brush)
+    edited, shown_masks, _ = edit({"path": str(EXAMPLE)}, FOI_INSTRUCTIONS, value, 2, 7.5, 1.5, 0, foi_config.strength)
+
+    masks = app.brush_masks([painted_layer(picture.size, box) for box in boxes], picture.size, 2)
+    expected = pipe(
+        picture,
+        instructions=app.parse_instructions(FOI_INSTRUCTIONS),
+        foi=dataclasses.replace(foi_config, strength=foi_config.strength),
+        masks=[masks],
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        image_guidance_scale=1.5,
+        seed=0,
+        progress=False,
+    )
+    np.testing.assert_array_equal(np.asarray(edited), np.asarray(expected.images[0]))
+    factor = pipe.vae_scale_factor * foi_config.mask_downsample  # the painted boxes fill whole mask cells
+    np.testing.assert_array_equal(expected.masks[0]["latent"], masks[:, ::factor, ::factor])
+    assert len(shown_masks) == 2
+
+    with pytest.raises(gr.Error, match="paint a region for instruction"):
+        edit({"path": str(EXAMPLE)}, FOI_INSTRUCTIONS, {**value, "layers": records[:1]}, 2, 7.5, 1.5, 0, 0.8)

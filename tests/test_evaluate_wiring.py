@@ -452,10 +452,13 @@ def test_the_multi_instruction_methods(tmp_path_factory, data_dir):
             assert summary["mask_iou"] == 1.0, method
     per_instruction = [c for c in fake.calls if c["foi"] is not None and c["foi"].text_branches == "per_instruction"]
     assert len(per_instruction) == 2 * 2  # two methods, two batches
-    assert sum(c["masks"] is not None for c in fake.calls) == 2 * 2  # the two true-mask methods
+    assert sum(c["masks"] is not None for c in fake.calls) == 3 * 2  # the three true-mask methods
     ip2p_passes = [c for c in fake.calls if c["foi"] is None]
-    foi_passes = [c for c in fake.calls if c["foi"] == FoIConfig.for_model(model) and c["masks"] is None]
-    assert all(len(texts) == 1 for c in foi_passes for texts in c["texts"])
+    model_foi = FoIConfig.for_model(model)
+    assert model_foi.text_branches == "composite"  # so foi_composite's calls are the model's settings'
+    composite = [c for c in fake.calls if c["foi"] == model_foi and c["masks"] is None]
+    foi_passes = [c for c in composite if all(len(texts) == 1 for texts in c["texts"])]
+    assert len(composite) - len(foi_passes) == 2  # foi_composite: two batches of several instructions each
     assert len(ip2p_passes) == len(foi_passes) >= 2 * 2  # at least two passes of each of the two batches
     assert any(len(c["texts"]) < BATCH for c in ip2p_passes[:-1]), "a pass that skips examples with fewer"
     assert max(len(e.edits) for e in (example("test_multi", i) for i in range(LIMIT))) == 3

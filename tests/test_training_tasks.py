@@ -49,13 +49,20 @@ def test_evaluators_are_chosen_by_name_and_checked_against_the_task():
 
 
 @pytest.mark.parametrize(
-    "module, name",
-    [("shapes_ip2p", "keyword_localisation"), ("shapes_t2i", "word_localisation"), ("shapes_clip", "retrieval")],
+    "module, variants, name",
+    [
+        ("shapes_ip2p", ("", "regrown"), "keyword_localisation"),
+        ("shapes_t2i", ("", "regrown"), "word_localisation"),
+        ("shapes_clip", ("", "from_vision"), "retrieval"),
+    ],
 )
-def test_each_shipped_config_names_an_evaluator_of_its_task(module, name):
+def test_each_shipped_config_names_an_evaluator_of_its_task(module, variants, name):
     spec = importlib.util.spec_from_file_location(module, ROOT / "configs" / f"{module}.py")
     config_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(config_module)
-    config = config_module.get_config()
-    assert config.eval.name == name
-    assert config.task in evaluators.EVALUATORS[name][1]
+    for variant in variants:
+        config = config_module.get_config(variant)
+        assert config.eval.name == name, variant
+        assert config.task in evaluators.EVALUATORS[name][1], variant
+    with pytest.raises(ValueError, match="unknown variant"):
+        config_module.get_config("nonesuch")
