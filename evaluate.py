@@ -25,7 +25,8 @@ outside the ground-truth region (mean absolute change in levels of 255, and PSNR
 resolution (``ip2p_jax/evaluation/shapes_edit.py``).
 
 Writes ``OUT/results.md`` (a table), ``OUT/results.json`` (settings, aggregates and per-example figures) and
-``OUT/examples.png`` (input | ground truth | FoI's masks | IP2P | FoI, enlarged 3x).
+``OUT/examples.png`` (input | ground truth | FoI's masks | IP2P | FoI, enlarged 3x) and ``OUT/methods.png`` (input |
+ground truth | the true regions over the input | each method's edit in the order run, enlarged 3x).
 """
 
 from __future__ import annotations
@@ -252,15 +253,33 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def picture(pixels):
+    """``(H, W, 3)`` levels in [0, 255] as a PIL picture (rounded, clipped)."""
+    from PIL import Image
+
+    return Image.fromarray(np.asarray(pixels, np.float64).round().clip(0, 255).astype(np.uint8))
+
+
+def method_rows(examples: list[dict], edits: dict[str, np.ndarray]) -> list[list]:
+    """input | ground truth | the true regions (all of the example's, together) over the input | each method's edit
+    in ``edits``' order: one row of PIL tiles per example."""
+    from ip2p_jax.visualisation import mask_overlay
+
+    rows = []
+    for index, example in enumerate(examples):
+        image = picture(example["input_image"])
+        regions = np.asarray(example["regions"]).max(axis=0)
+        tiles = [image, picture(example["edited_image"]), mask_overlay(image, regions)]
+        rows.append(tiles + [picture(edit[index]) for edit in edits.values()])
+    return rows
+
+
 def example_rows(examples: list[dict], edits: dict[str, np.ndarray], masks: list, max_masks: int) -> list[list]:
     """input | ground truth | FoI's masks over the input (``max_masks`` tiles, blank where an example has fewer) |
     IP2P | FoI: one row of PIL tiles per example."""
     from PIL import Image
 
     from ip2p_jax.visualisation import mask_overlay
-
-    def picture(pixels) -> Image.Image:
-        return Image.fromarray(np.asarray(pixels, np.float64).round().clip(0, 255).astype(np.uint8))
 
     size = examples[0]["input_image"].shape[0]
     blank = Image.new("RGB", (size, size), "white")
@@ -303,7 +322,7 @@ def main(argv=None) -> int:
         split: [examples[i : i + size] for i in range(0, len(examples), size)] for split, examples in data.items()
     }
     total = sum(len(b) for b in batches.values()) * len(args.methods)
-    results, per_example, rows = {}, {}, []
+    results, per_example, rows, all_methods = {}, {}, [], []
     with tqdm(total=total, desc="evaluating") as bar:
         for split, split_batches in batches.items():
             results[split], per_example[split] = {}, {}
@@ -329,6 +348,8 @@ def main(argv=None) -> int:
             masks = shown["foi"][1] if "foi" in shown else [None] * count
             edits = {name: value[0] for name, value in shown.items()}
             rows += example_rows(data[split][:count], edits, masks, max_masks=3)
+            models = {name: edit for name, edit in edits.items() if name not in REFERENCES}
+            all_methods += method_rows(data[split][:count], models)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
     (args.out / "results.md").write_text(table)
@@ -340,8 +361,9 @@ def main(argv=None) -> int:
     record = {"settings": settings, "results": results, "per_example": per_example}
     (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     grid(rows, enlarge=ENLARGE).save(args.out / "examples.png")
+    grid(all_methods, enlarge=ENLARGE).save(args.out / "methods.png")
     print(table, file=sys.stderr)
-    print(f"wrote {args.out / 'results.md'}, results.json and examples.png", file=sys.stderr)
+    print(f"wrote {args.out / 'results.md'}, results.json, examples.png and methods.png", file=sys.stderr)
     return 0
 
 

@@ -462,3 +462,18 @@ def test_the_multi_instruction_methods(tmp_path_factory, data_dir):
     assert len(ip2p_passes) == len(foi_passes) >= 2 * 2  # at least two passes of each of the two batches
     assert any(len(c["texts"]) < BATCH for c in ip2p_passes[:-1]), "a pass that skips examples with fewer"
     assert max(len(e.edits) for e in (example("test_multi", i) for i in range(LIMIT))) == 3
+
+    # methods.png: input | ground truth | the true regions over the input | each method's edit, in the order run
+    # (a perfect editor's edits are the ground truth), for the first batch's first examples.
+    methods = np.asarray(Image.open(out / "methods.png"))[:: evaluate.ENLARGE, :: evaluate.ENLARGE].astype(np.float64)
+    shown = min(BATCH, evaluate.GRID_EXAMPLES)
+    assert methods.shape == (shown * 64, (3 + len(evaluate.MULTI_METHODS)) * 64, 3)
+    for row in range(shown):
+        tiles = [methods[row * 64 : (row + 1) * 64, j * 64 : (j + 1) * 64] for j in range(methods.shape[1] // 64)]
+        split, _, e = EXAMPLES[tiles[0].astype(np.uint8).tobytes()]  # the input picture names the example
+        assert split == "test_multi"
+        union = np.asarray(e.regions).max(axis=0)[..., None]
+        over = union * (0.5 * e.input_image + 0.5 * np.array([255, 40, 40])) + (1 - union) * 0.35 * e.input_image
+        np.testing.assert_array_equal(tiles[2], np.round(over))
+        for j, tile in enumerate([tiles[1], *tiles[3:]]):
+            np.testing.assert_array_equal(tile, e.edited_image, err_msg=f"row {row} tile {j}")
