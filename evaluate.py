@@ -24,9 +24,10 @@ edit (recolour, reshape, remove, background), the share of examples with every i
 outside the ground-truth region (mean absolute change in levels of 255, and PSNR), and for FoI the mask IoU at mask
 resolution (``ip2p_jax/evaluation/shapes_edit.py``).
 
-Writes ``OUT/results.md`` (a table), ``OUT/results.json`` (settings, aggregates and per-example figures) and
-``OUT/examples.png`` (input | ground truth | FoI's masks | IP2P | FoI, enlarged 3x) and ``OUT/methods.png`` (input |
-ground truth | the true regions over the input | each method's edit in the order run, enlarged 3x).
+Writes ``OUT/results.md`` (a table) and ``OUT/results.json`` (settings, aggregates and per-example figures) after
+every method, so that an interrupted evaluation keeps the methods it finished; at the end ``OUT/examples.png`` (input |
+ground truth | FoI's masks | IP2P | FoI, enlarged 3x) and ``OUT/methods.png`` (input | ground truth | the true regions
+over the input | each method's edit in the order run, enlarged 3x).
 """
 
 from __future__ import annotations
@@ -298,12 +299,36 @@ def example_rows(examples: list[dict], edits: dict[str, np.ndarray], masks: list
     return rows
 
 
+def run_method(pipe, method: str, foi_config, split_batches: list[list[dict]], args, bar) -> tuple[list, tuple]:
+    """One method over one split's batches: each example's figures (``judge``) and the first batch's edits and
+    masks for the grids (at most ``GRID_EXAMPLES``)."""
+    figures, shown = [], None
+    for number, batch in enumerate(split_batches):
+        edits, masks = edit_batch(pipe, method, foi_config, batch, args, args.config.sample.seed + number)
+        figures += [judge(e, o, m) for e, o, m in zip(batch, edits, masks, strict=True)]
+        if number == 0:
+            shown = (edits[:GRID_EXAMPLES], masks[:GRID_EXAMPLES])
+        bar.update(1)
+    return figures, shown
+
+
+def write_results(out: Path, settings: dict, results: dict, per_example: dict) -> str:
+    """``results.md`` and ``results.json`` of the methods finished so far; returns the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results)
+    (out / "results.md").write_text(table)
+    record = {"settings": settings, "results": results, "per_example": per_example}
+    (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+    return table
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     compilation_cache.enable(args.compilation_cache)
     from tqdm import tqdm
 
     from ip2p_jax.data.input_pipeline import prepared_builder
+    from ip2p_jax.evaluation.shapes_edit import JUDGE_VERSION
     from ip2p_jax.pipeline import InstructPix2PixPipeline
     from ip2p_jax.visualisation import grid
     from ip2p_jax.weights import CheckpointError
@@ -316,6 +341,9 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     foi_config = args.foi_config
+    settings = dict(model=args.model, out=str(args.out), splits=args.splits, methods=args.methods)
+    settings["judge_version"] = JUDGE_VERSION
+    settings["config"], settings["foi"] = args.config.to_dict(), dataclasses.asdict(foi_config)
     data = {split: load_split(builder, split, args.config.data.limit) for split in args.splits}
     size = args.config.sample.batch
     batches = {
@@ -325,41 +353,23 @@ def main(argv=None) -> int:
     results, per_example, rows, all_methods = {}, {}, [], []
     with tqdm(total=total, desc="evaluating") as bar:
         for split, split_batches in batches.items():
-            results[split], per_example[split] = {}, {}
-            shown = {}
+            results[split], per_example[split], shown = {}, {}, {}
             for method in args.methods:
-                figures = []
-                for number, batch in enumerate(split_batches):
-                    bar.set_postfix_str(f"{split}, {method}")
-                    try:  # a call's settings that do not fit the model, found before anything compiles
-                        edits, masks = edit_batch(
-                            pipe, method, foi_config, batch, args, args.config.sample.seed + number
-                        )
-                    except ValueError as error:
-                        print(f"error: {method}: {error}", file=sys.stderr)
-                        return 1
-                    figures += [judge(e, o, m) for e, o, m in zip(batch, edits, masks, strict=True)]
-                    if number == 0:
-                        shown[method] = (edits[:GRID_EXAMPLES], masks[:GRID_EXAMPLES])
-                    bar.update(1)
-                results[split][method] = aggregate(figures)
-                per_example[split][method] = figures
+                bar.set_postfix_str(f"{split}, {method}")
+                try:  # a call's settings that do not fit the model, found before anything compiles
+                    figures, shown[method] = run_method(pipe, method, foi_config, split_batches, args, bar)
+                except ValueError as error:
+                    print(f"error: {method}: {error}", file=sys.stderr)
+                    return 1
+                results[split][method], per_example[split][method] = aggregate(figures), figures
+                # Written after every method: an interrupted evaluation keeps the methods it finished.
+                table = write_results(args.out, settings, results, per_example)
             count = len(next(iter(shown.values()))[0])  # the first batch's examples, at most GRID_EXAMPLES
             masks = shown["foi"][1] if "foi" in shown else [None] * count
             edits = {name: value[0] for name, value in shown.items()}
             rows += example_rows(data[split][:count], edits, masks, max_masks=3)
             models = {name: edit for name, edit in edits.items() if name not in REFERENCES}
             all_methods += method_rows(data[split][:count], models)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results)
-    (args.out / "results.md").write_text(table)
-    from ip2p_jax.evaluation.shapes_edit import JUDGE_VERSION
-
-    settings = dict(model=args.model, out=str(args.out), splits=args.splits, methods=args.methods)
-    settings["judge_version"] = JUDGE_VERSION
-    settings["config"], settings["foi"] = args.config.to_dict(), dataclasses.asdict(foi_config)
-    record = {"settings": settings, "results": results, "per_example": per_example}
-    (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     grid(rows, enlarge=ENLARGE).save(args.out / "examples.png")
     grid(all_methods, enlarge=ENLARGE).save(args.out / "methods.png")
     print(table, file=sys.stderr)

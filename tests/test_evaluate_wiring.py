@@ -477,3 +477,28 @@ def test_the_multi_instruction_methods(tmp_path_factory, data_dir):
         np.testing.assert_array_equal(tiles[2], np.round(over))
         for j, tile in enumerate([tiles[1], *tiles[3:]]):
             np.testing.assert_array_equal(tile, e.edited_image, err_msg=f"row {row} tile {j}")
+
+
+def test_an_interrupted_evaluation_keeps_the_methods_it_finished(tmp_path_factory, data_dir):
+    """results.json and results.md are written after every method: stopped during FoI (here by Ctrl-C in its first
+    batch), the evaluation still has IP2P's figures on disk."""
+
+    def interrupted_at_foi(method, example, size):
+        if method.startswith("foi"):
+            raise KeyboardInterrupt
+        return ground_truth(method, example, size)
+
+    model = tmp_path_factory.mktemp("fake-model")
+    out = tmp_path_factory.mktemp("interrupted")
+    argv = ["--model", str(model), "--config.data.dataset=shapes_edit/small", f"--config.data.data_dir={data_dir}"]
+    argv += ["--out", str(out), f"--config.data.limit={LIMIT}", f"--config.sample.batch={BATCH}"]
+    argv += ["--config.methods=ip2p,foi", "--config.data.splits=test_single"]
+    fake = FakePipeline(interrupted_at_foi)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InstructPix2PixPipeline, "from_pretrained", classmethod(lambda cls, path, **kw: fake))
+        with pytest.raises(KeyboardInterrupt):
+            evaluate.main(argv)
+    record = json.loads((out / "results.json").read_text())
+    assert list(record["results"]["test_single"]) == ["ip2p"]
+    assert record["results"]["test_single"]["ip2p"]["all_success"] == 1.0
+    assert "| ip2p |" in (out / "results.md").read_text() and not (out / "examples.png").exists()
