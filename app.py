@@ -15,7 +15,9 @@ and settings compiles (seconds to a minute), the next ones run at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,6 +28,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "shapes-ip2p"
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "shapes.png"
 FALLBACK_SIZE = 512  # px: the longer side uploads are brought to when the model folder does not say
+# What one request may ask for (each a flag); beyond, a clear message and no edit.
+MAX_UPLOAD_MB = 20  # bytes of an upload, refused by Gradio before it is stored
+MAX_PIXELS = 40_000_000  # an upload's width x height, read from its header: a decompression bomb is never decoded
+MAX_INSTRUCTIONS = 8  # sub-instructions of one edit (each costs a text branch or a mask)
+MAX_INSTRUCTION_CHARS = 2000  # the instruction box (CLIP reads 77 tokens per instruction anyway)
+MAX_STEPS = 100
+QUEUE_SIZE = 32  # requests waiting; one more is answered "busy" at once
 # Small pictures (the shipped model's are 64 px) are shown enlarged with their pixels kept sharp.
 CSS = (
     "#picture img, #edited img, #plain img {width: 100%; height: 100%; object-fit: contain} "
@@ -50,16 +59,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="uploads are scaled so their longer side is at most this many px (default: the model's native size)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
+    limits = parser.add_argument_group("Limits of one request (beyond them, a message on the page and no edit)")
+    limits.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help=f"(default: {MAX_UPLOAD_MB})")
+    limits.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"an upload's width x height, checked before it is decoded (default: {MAX_PIXELS})",
+    )
+    limits.add_argument(
+        "--max-instructions", type=int, default=MAX_INSTRUCTIONS, help=f"per edit (default: {MAX_INSTRUCTIONS})"
+    )
+    limits.add_argument(
+        "--queue-size",
+        type=int,
+        default=QUEUE_SIZE,
+        help=f"requests that may wait; beyond, a 'busy' answer (default: {QUEUE_SIZE})",
+    )
     return parser.parse_args(argv)
 
 
 def load_pipeline(args):
-    """The pipeline and its FoI settings (the model folder's ``foi_config.json``, else the paper's)."""
+    """The pipeline and its FoI settings (``pipe.foi_config``: the model folder's ``foi_config.json``, else the
+    paper's)."""
     import jax.numpy as jnp
 
-    from ip2p_jax.foi import FoIConfig
     from ip2p_jax.pipeline import InstructPix2PixPipeline
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -67,8 +93,9 @@ def load_pipeline(args):
         pipe = InstructPix2PixPipeline.from_single_file(
             args.model, config=args.model_config, allow_pickle=args.allow_pickle, dtype=dtype
         )
-        return pipe, FoIConfig.for_model(args.model_config or args.model)
-    return InstructPix2PixPipeline.from_pretrained(args.model, dtype=dtype), FoIConfig.for_model(args.model)
+    else:
+        pipe = InstructPix2PixPipeline.from_pretrained(args.model, dtype=dtype)
+    return pipe, pipe.foi_config
 
 
 def shown_name(model: str) -> str:
@@ -89,10 +116,28 @@ def native_size(model: str, vae_scale_factor: int) -> int:
     return FALLBACK_SIZE
 
 
-def parse_instructions(text: str) -> list:
-    """The instruction box: one sub-instruction per non-empty line, ``text [| keyword [| alpha]]``."""
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask for: the longer side uploads are scaled to (``max_size`` px), an upload's bytes
+    and pixels, the sub-instructions of one edit, and the requests that may wait."""
+
+    max_size: int
+    max_upload_mb: float = MAX_UPLOAD_MB
+    max_pixels: int = MAX_PIXELS
+    max_instructions: int = MAX_INSTRUCTIONS
+    queue_size: int = QUEUE_SIZE
+
+
+def parse_instructions(text, max_instructions: int = MAX_INSTRUCTIONS) -> list:
+    """The instruction box: one sub-instruction per non-empty line, ``text [| keyword [| alpha]]``; at most
+    ``max_instructions`` lines and ``MAX_INSTRUCTION_CHARS`` characters."""
     from ip2p_jax.foi import SubInstruction
 
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"the instructions must be text, got {type(text).__name__}")
+    text = text or ""
+    if len(text) > MAX_INSTRUCTION_CHARS:
+        raise ValueError(f"the instructions are {len(text)} characters; at most {MAX_INSTRUCTION_CHARS}")
     subs = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -108,24 +153,67 @@ def parse_instructions(text: str) -> list:
         subs.append(SubInstruction(parts[0], keyword, alpha))
     if not subs:
         raise ValueError("write an instruction")
+    if len(subs) > max_instructions:
+        raise ValueError(f"{len(subs)} instructions; this editor takes at most {max_instructions} per edit")
     return subs
 
 
-def read_upload(path: str | None, max_size: int):
-    """The uploaded file as an RGB picture whose longer side is at most ``max_size`` px."""
+def edit_settings(steps, guidance_scale, image_guidance_scale, seed, strength) -> dict:
+    """The sliders' and boxes' values as the pipeline's arguments, each checked (a request through the API can
+    send anything): ``ValueError`` naming the setting."""
+
+    def number(name: str, value, low: float, high: float, integer: bool = False):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if not low <= value <= high or (integer and value != int(value)):
+            kind = "a whole number" if integer else "a number"
+            raise ValueError(f"{name} must be {kind} in [{low}, {high}], got {value!r}")
+        return int(value) if integer else float(value)
+
+    if isinstance(strength, int | float) and not isinstance(strength, bool) and strength <= 0:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    return dict(
+        num_inference_steps=number("steps", steps, 1, MAX_STEPS, integer=True),
+        guidance_scale=number("text guidance s_T", guidance_scale, 0, 100),
+        image_guidance_scale=number("image guidance s_I", image_guidance_scale, 0, 100),
+        seed=number("seed", seed, 0, 2**32 - 1, integer=True),
+        strength=number("strength", strength, 0, 1),
+    )
+
+
+def read_upload(upload, limits: Limits):
+    """The uploaded file (Gradio's file record) as an RGB picture whose longer side is at most ``limits.max_size``
+    px, and the size it had ``(W, H)``. The pixel count is read from the file's header and checked before the
+    picture is decoded. Messages name the upload by its file name, never a path of the server."""
     from PIL import Image, UnidentifiedImageError
 
-    if path is None:
+    if upload is None:
         raise ValueError("upload a picture")
+    if not isinstance(upload, dict) or not isinstance(upload.get("path"), str):
+        raise ValueError("the picture must be an uploaded file")
+    path = upload["path"]
+    name = Path(path).name
     try:
-        with Image.open(path) as opened:
+        with Image.open(path) as opened:  # reads the header only
+            width, height = opened.size
+            if width * height > limits.max_pixels:
+                raise ValueError(
+                    f"the upload ({name}) is {width} x {height} px; this editor takes at most "
+                    f"{limits.max_pixels:,} pixels"
+                )
             image = opened.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"the upload is not a picture this editor can read ({Path(path).name}): {error}") from None
-    if max(image.size) > max_size:
-        scale = max_size / max(image.size)
-        image = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))), Image.LANCZOS)
-    return image
+    except Image.DecompressionBombError:
+        raise ValueError(f"the upload ({name}) declares more pixels than this editor decodes") from None
+    except (UnidentifiedImageError, OSError):
+        raise ValueError(
+            f"the upload ({name}) is not a picture this editor can read (PNG, JPEG, WebP, GIF, BMP, TIFF)"
+        ) from None
+    original = image.size
+    if max(image.size) > limits.max_size:
+        scale = limits.max_size / max(image.size)
+        new_size = (max(8, round(image.width * scale)), max(8, round(image.height * scale)))
+        image = image.resize(new_size, Image.LANCZOS)
+    return image, original
 
 
 def brush_masks(layers: list, size: tuple[int, int], count: int):
@@ -152,16 +240,13 @@ def brush_masks(layers: list, size: tuple[int, int], count: int):
     return np.stack(painted[:count]).astype(np.uint8)
 
 
-def make_editor(pipe, foi_config, max_size: int, brush=None):
+def make_editor(pipe, foi_config, limits: Limits, brush=None):
     """The request handler: ``(upload, instructions, brush, steps, s_T, s_I, seed, strength) -> (edit, masks, IP2P
-    edit)``; ``brush`` is the page's ``gr.ImageEditor`` (its raw value is read through it). Errors reach the page as
-    ``gr.Error`` messages; the server keeps serving."""
-    import dataclasses
-
+    edit, status)``; ``brush`` is the page's ``gr.ImageEditor`` (its raw value is read through it). A request the
+    editor refuses (a bad upload, instruction or setting, a limit passed) leaves the last edit's results on the
+    page, says why in the status line and a notice, and is one line in the server's log; the server keeps
+    serving."""
     import gradio as gr
-
-    from ip2p_jax.foi import composite_prompt
-    from ip2p_jax.visualisation import mask_overlay
 
     def painted_layers(value) -> list:
         if not value or brush is None:
@@ -174,45 +259,63 @@ def make_editor(pipe, foi_config, max_size: int, brush=None):
         # The event skips Gradio's preprocessing (``preprocess=False``): the upload arrives as its file record,
         # and a file that is not a picture gets this editor's message rather than a failed component.
         try:
-            image = read_upload(None if upload is None else upload["path"], max_size)
-            subs = parse_instructions(instructions or "")
+            settings = edit_settings(steps, guidance_scale, image_guidance_scale, seed, strength)
+            image, original_size = read_upload(upload, limits)
+            subs = parse_instructions(instructions, limits.max_instructions)
             masks = brush_masks(painted_layers(painted), image.size, len(subs))
-            common = dict(
-                num_inference_steps=int(steps),
-                guidance_scale=float(guidance_scale),
-                image_guidance_scale=float(image_guidance_scale),
-                seed=int(seed),
-                progress=False,
-            )
-            if len(subs) == 1 and subs[0].keyword is None and masks is None:
-                result = pipe(image, subs[0].text, strength=float(strength), **common)
-                return result.images[0], [], None
-            foi = dataclasses.replace(foi_config, strength=float(strength))
-            result = pipe(image, instructions=subs, foi=foi, masks=None if masks is None else [masks], **common)
-            plain = pipe(image, composite_prompt(subs)[0], strength=float(strength), **common).images[0]
-        except ValueError as error:  # bad uploads, instructions and settings: shown on the page
-            raise gr.Error(str(error)) from None
-        edited = result.images[0]
-        base = image.resize(edited.size) if image.size != edited.size else image
-        masks = [
-            (mask_overlay(base, mask), sub.keyword or sub.text)
-            for mask, sub in zip(result.masks[0]["image"], subs, strict=True)
-        ]
-        return edited, masks, plain
+            edited, shown_masks, plain = run_edit(pipe, foi_config, image, subs, masks, settings)
+        except (ValueError, TypeError) as error:  # also a malformed brush value (pydantic's errors are ValueErrors)
+            message = str(error).splitlines()[0]
+            print(f"app.py: edit refused: {message}", file=sys.stderr)
+            gr.Warning(message)
+            return gr.skip(), gr.skip(), gr.skip(), f"**Not edited:** {message}"
+        return edited, shown_masks, plain, edit_notice(original_size, image.size, edited.size)
 
     return edit
 
 
-def brush_background(upload, max_size: int):
+def run_edit(pipe, foi_config, image, subs: list, masks, settings: dict):
+    """One edit: plain IP2P for one instruction with no keyword and no painted region, else FoI (with the IP2P edit
+    of the instructions joined beside it). Returns ``(edit, [(mask over the picture, caption)], IP2P edit)``."""
+    from ip2p_jax.foi import composite_prompt
+    from ip2p_jax.visualisation import mask_overlay
+
+    settings = dict(settings)
+    strength = settings.pop("strength")
+    if len(subs) == 1 and subs[0].keyword is None and masks is None:
+        return pipe(image, subs[0].text, strength=strength, progress=False, **settings).images[0], [], None
+    foi = dataclasses.replace(foi_config, strength=strength)
+    given = None if masks is None else [masks]
+    result = pipe(image, instructions=subs, foi=foi, masks=given, progress=False, **settings)
+    plain = pipe(image, composite_prompt(subs)[0], strength=strength, progress=False, **settings).images[0]
+    edited = result.images[0]
+    base = image.resize(edited.size) if image.size != edited.size else image
+    shown = [
+        (mask_overlay(base, mask), sub.keyword or sub.text)
+        for mask, sub in zip(result.masks[0]["image"], subs, strict=True)
+    ]
+    return edited, shown, plain
+
+
+def edit_notice(original: tuple[int, int], scaled: tuple[int, int], edited: tuple[int, int]) -> str:
+    """The status line after an edit: the sizes when the picture was scaled to the model's size or its sides cut
+    to whole latent cells."""
+    if original == edited:
+        return f"Edited at {edited[0]} x {edited[1]} px."
+    why = " (scaled to the model's size; --max-size)" if original != scaled else ""
+    return f"The upload is {original[0]} x {original[1]} px; edited at {edited[0]} x {edited[1]} px{why}."
+
+
+def brush_background(upload, limits: Limits):
     """The uploaded picture as the brush's canvas, at the size the edit will use (``None``: clear it; a file that is
     not a picture is left to the edit's message)."""
     try:
-        return read_upload(None if upload is None else upload["path"], max_size)
+        return read_upload(upload, limits)[0]
     except ValueError:
         return None
 
 
-def build_app(pipe, foi_config, max_size: int, model_name: str):
+def build_app(pipe, foi_config, limits: Limits, model_name: str):
     """The page: inputs on the left, the edit, FoI's masks and the IP2P edit on the right."""
     try:
         import gradio as gr
@@ -256,6 +359,7 @@ def build_app(pipe, foi_config, max_size: int, model_name: str):
                 edited = gr.Image(
                     label="edit", type="pil", format="png", elem_id="edited", interactive=False, height=320
                 )
+                status = gr.Markdown(elem_id="status")
                 masks = gr.Gallery(label="FoI masks", elem_id="masks", columns=4, height="auto")
                 plain = gr.Image(
                     label="IP2P (instructions joined)",
@@ -265,16 +369,16 @@ def build_app(pipe, foi_config, max_size: int, model_name: str):
                     interactive=False,
                     height=320,
                 )
-        edit = make_editor(pipe, foi_config, max_size, brush)
+        edit = make_editor(pipe, foi_config, limits, brush)
         inputs = [image, instructions, brush, steps, guidance, image_guidance, seed, strength]
-        run.click(edit, inputs, [edited, masks, plain], api_name="edit", preprocess=False)
-        image.change(lambda upload: brush_background(upload, max_size), image, brush, preprocess=False)
+        run.click(edit, inputs, [edited, masks, plain, status], api_name="edit", preprocess=False)
+        image.change(lambda upload: brush_background(upload, limits), image, brush, preprocess=False)
         if EXAMPLE.is_file():
             gr.Examples(
                 [[str(EXAMPLE), "make the circle blue | circle\nremove the square | square"]], [image, instructions]
             )
     # One worker: requests share the pipeline and its compiled samplers, and wait their turn.
-    app.queue(default_concurrency_limit=1, max_size=32)
+    app.queue(default_concurrency_limit=1, max_size=limits.queue_size)
     return app
 
 
@@ -287,14 +391,34 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    max_size = args.max_size or native_size(args.model_config or args.model, pipe.vae_scale_factor)
-    launch(build_app(pipe, foi_config, max_size, shown_name(args.model)), args.host, args.port, share=args.share)
+    limits = limits_from_args(args, pipe)
+    app = build_app(pipe, foi_config, limits, shown_name(args.model))
+    launch(app, args.host, args.port, limits, share=args.share)
     return 0
 
 
-def launch(app, host: str, port: int, *, share: bool = False, block: bool = True) -> None:
-    """Serves the page (``block=False`` returns once it is up, for tests)."""
-    app.launch(server_name=host, server_port=port, share=share, css=CSS, prevent_thread_lock=not block, quiet=not block)
+def limits_from_args(args, pipe) -> Limits:
+    """The flags' limits; the longer side of uploads: ``--max-size``, else the model's native size."""
+    max_size = args.max_size or native_size(args.model_config or args.model, pipe.vae_scale_factor)
+    return Limits(max_size, args.max_upload_mb, args.max_pixels, args.max_instructions, args.queue_size)
+
+
+def launch(app, host: str, port: int, limits: Limits, *, share: bool = False, block: bool = True) -> None:
+    """Serves the page (``block=False`` returns once it is up, for tests), refusing uploads over
+    ``limits.max_upload_mb``."""
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        css=CSS,
+        prevent_thread_lock=True,
+        quiet=True,  # Gradio's own lines would point to share=True; ours name the flag
+        max_file_size=f"{int(limits.max_upload_mb * 1024)}kb",
+    )
+    if block:
+        public = f" and {app.share_url}" if share else " (--share also serves through a public link)"
+        print(f"serving on {app.local_url}{public}; Ctrl-C stops", file=sys.stderr)
+        app.block_thread()
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     settings with the overrides, checked before anything is loaded, as ``args.foi_config``."""
     from ip2p_jax.foi import foi_config
     from ip2p_jax.script_config import ConfigError, load_config
+    from ip2p_jax.weights import CheckpointError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="an InstructPix2Pix diffusers folder")
@@ -104,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--config.sample.steps and --config.sample.batch must be at least 1")
     try:  # the model's FoI settings (its foi_config.json) and the overrides, checked before anything is loaded
         args.foi_config = foi_config(args.model, config.foi)
+    except CheckpointError as error:
+        parser.error(f"--model: {error}")
     except (TypeError, ValueError) as error:
         parser.error(f"--config.foi: {error}")
     return args

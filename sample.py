@@ -15,13 +15,16 @@ picture at the image's size, white where the edit goes; one per --instruction), 
 text branch of its own (``--config.foi.text_branches=per_instruction``, docs/foi.md).
 
 A batch from a JSONL manifest, one ``{"image": ..., "instruction": ..., "out": ...}`` per line, or with
-``"instructions": [{"text": ..., "keyword": ..., "alpha": ...}, ...]`` for FoI (paths relative to the manifest),
-spread over all devices:
+``"instructions": [{"text": ..., "keyword": ..., "alpha": ...}, ...]`` for FoI (paths relative to the manifest;
+an optional ``"seed"`` per item), spread over all devices:
 
     python sample.py --model DIR --manifest edits.jsonl --grid
 
-A bad item (missing or unreadable image, image under 64 px, empty instruction) is reported and skipped; the
-others still run, and the exit status is 1 if any item failed.
+Each item is edited in its own mode (FoI when it has keywords or several instructions, IP2P for a plain one;
+``--foi`` / ``--no-foi`` choose for all) and as it would be alone: its seed, not its place in the batch, draws its
+noise. A bad item (missing or unreadable image, image under 64 px, empty instruction, a keyword not in its
+instruction, an ``--attention`` word not in it) is reported and skipped before anything is edited; the others
+still run, the failures are listed again at the end, and the exit status is 1 if any item failed.
 
 The sampler's and FoI's settings are ``configs/sample.py``'s, each overridable (``--config.sample.steps=50``,
 ``--config.sample.scheduler=dpmpp_2m``, ``--config.foi.tau=0.3``; unset FoI settings take the model folder's
@@ -36,6 +39,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -55,6 +59,15 @@ class EditItem:
     instructions: list  # of foi.SubInstruction
     out: Path
     source: str  # for messages: "--image" or "manifest line N"
+    seed: int | None = None  # the manifest's; None: --config.sample.seed
+    masks: Any = None  # FoI: the (k, H, W) bool array of --mask, once read
+
+    def uses_foi(self, forced: bool | None, masks_given: bool) -> bool:
+        """The item's mode: ``--foi`` / ``--no-foi`` (``forced``) for every item, else FoI for an item with
+        keywords, several sub-instructions or ``--mask``, IP2P for a plain instruction."""
+        if forced is not None:
+            return forced
+        return masks_given or len(self.instructions) > 1 or any(sub.keyword for sub in self.instructions)
 
     @property
     def prompt(self) -> str:
@@ -66,10 +79,24 @@ class EditItem:
 def parse_args(argv=None) -> argparse.Namespace:
     """The everyday flags (what to edit, with which model, where to write) and the settings of ``--config``
     (``configs/sample.py``: ``sample.*``, the sampler's; ``foi.*``, FoI's) with its ``--config.GROUP.NAME=VALUE``
-    overrides, as ``args.config``. FoI's settings, checked against their ranges, are ``args.foi_config``."""
-    from ip2p_jax.schedulers import SCHEDULERS
+    overrides, as ``args.config``, each checked (a usage error names the flag). FoI's settings, checked against
+    their ranges, are ``args.foi_config``; ``--attention``'s words and recording ``args.attention_words`` and
+    ``args.attention_recording``."""
     from ip2p_jax.script_config import ConfigError, load_config
 
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        args.config = load_config(args.config, overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    check_args(parser, args)
+    args.foi_config = foi_settings_of(parser, args)
+    args.attention_words, args.attention_recording = attention_of(parser, args)
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model",
@@ -120,6 +147,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=True,
         help="a progress bar per edit; its per-step reports keep the samplers out of the compilation cache",
     )
+    add_heatmap_and_foi_flags(parser)
+    return parser
+
+
+def add_heatmap_and_foi_flags(parser: argparse.ArgumentParser) -> None:
     words = parser.add_argument_group("Word heatmaps (docs/attention.md)")
     words.add_argument(
         "--attention",
@@ -142,14 +174,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--foi",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="default: on when keywords or several instructions are given",
+        help="FoI for every item (--no-foi: IP2P for every item); default: per item, FoI when it has keywords, "
+        "several instructions or --mask",
     )
     foi.add_argument("--compare", action="store_true", help="write OUT.compare.png: input | masks | IP2P | FoI")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        args.config = load_config(args.config, overrides)
-    except ConfigError as error:
-        parser.error(str(error))
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """The flags against each other and the sampler's settings against their ranges (``parser.error``)."""
+    from ip2p_jax.schedulers import SCHEDULERS
+
     sample = args.config.sample
     single = [args.image, args.instruction, args.out]
     if args.manifest is None and any(x is None for x in single):
@@ -173,28 +207,37 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"give one --{name} per --instruction ({len(given)} for {count})")
     if args.mask is not None and args.foi is False:
         parser.error("--mask is FoI's; it cannot go with --no-foi")
-    from ip2p_jax.foi import foi_config
 
-    # A single file has no foi_config.json beside it; its config folder may.
+
+def foi_settings_of(parser: argparse.ArgumentParser, args):
+    """FoI's settings: the model's ``foi_config.json`` (a single file's config folder's) under ``--config.foi``."""
+    from ip2p_jax.foi import foi_config
+    from ip2p_jax.weights import CheckpointError
+
     model = args.model_config if Path(args.model).is_file() and args.model_config else args.model
     try:
-        args.foi_config = foi_config(model, args.config.foi)
+        return foi_config(model, args.config.foi)
+    except CheckpointError as error:  # no such folder, or an unreachable hub: before anything is loaded
+        parser.error(f"--model: {error}")
     except ValueError as error:
         parser.error(f"--config.foi: {error}")
-    args.attention_words, args.attention_recording = None, None
-    if args.attention is not None:
-        from ip2p_jax.sampling import AttentionRecording
 
-        args.attention_words = [word.strip() for word in args.attention.split(",") if word.strip()]
-        if not args.attention_words:
-            parser.error("--attention needs at least one word")
-        level = args.foi_config.mask_level if args.attention_level is None else args.attention_level
-        try:
-            steps = tuple(float(x) for x in args.attention_steps.split(","))
-            args.attention_recording = AttentionRecording(level, steps)
-        except (TypeError, ValueError) as error:
-            parser.error(f"--attention-steps / --attention-level: {error}")
-    return args
+
+def attention_of(parser: argparse.ArgumentParser, args) -> tuple:
+    """``--attention``'s words and the IP2P edits' ``AttentionRecording`` (``(None, None)`` without it)."""
+    if args.attention is None:
+        return None, None
+    from ip2p_jax.sampling import AttentionRecording
+
+    words = [word.strip() for word in args.attention.split(",") if word.strip()]
+    if not words:
+        parser.error("--attention needs at least one word")
+    level = args.foi_config.mask_level if args.attention_level is None else args.attention_level
+    try:
+        steps = tuple(float(x) for x in args.attention_steps.split(","))
+        return words, AttentionRecording(level, steps)
+    except (TypeError, ValueError) as error:
+        parser.error(f"--attention-steps / --attention-level: {error}")
 
 
 def sub_instructions(texts, keywords=None, alphas=None) -> list:
@@ -219,10 +262,10 @@ def read_masks(paths: list[Path], image: Image.Image):
             with Image.open(path) as picture:
                 mask = np.asarray(picture.convert("L")) > 127
         except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"cannot read {path} ({error})") from None
+            raise ValueError(f"--mask: cannot read {path} ({error})") from None
         if mask.shape != (image.height, image.width):
             raise ValueError(
-                f"{path} is {mask.shape[1]} x {mask.shape[0]} px, the image {image.width} x {image.height} px"
+                f"--mask: {path} is {mask.shape[1]} x {mask.shape[0]} px, the image {image.width} x {image.height} px"
             )
         masks.append(mask)
     return np.stack(masks)
@@ -265,8 +308,12 @@ def read_manifest(path: Path) -> tuple[list[EditItem], list[str]]:
         except (TypeError, KeyError, ValueError) as error:
             errors.append(f"{where}: instructions must be a list of {{text, keyword, alpha}} ({error!r})")
             continue
+        seed = entry.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            errors.append(f"{where}: seed must be an integer >= 0, got {seed!r}")
+            continue
         resolve = lambda p: p if Path(p).is_absolute() else path.parent / p  # noqa: E731
-        items.append(EditItem(Path(resolve(entry["image"])), subs, Path(resolve(entry["out"])), where))
+        items.append(EditItem(Path(resolve(entry["image"])), subs, Path(resolve(entry["out"])), where, seed))
     return items, errors
 
 
@@ -288,6 +335,42 @@ def load_item(item: EditItem) -> Image.Image:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    ready, errors = readable_items(args)
+    if not ready:
+        print("error: nothing to edit", file=sys.stderr)
+        return 1
+    pipe, scheduler = load_pipeline(args)
+    if pipe is None:
+        return 1
+    ready = checked_items(pipe, args, ready, errors)
+    if not ready:
+        return report_failures(errors, len(errors))
+    modes = [item.uses_foi(args.foi, args.mask is not None) for item, _ in ready]
+    counts = f"{sum(modes)} with FoI, {len(modes) - sum(modes)} with IP2P"
+    print(f"editing {len(ready)} image(s) ({counts}) on {pipe.mesh.size} device(s)", file=sys.stderr)
+    for use_foi in (True, False):
+        group = [(item, image) for (item, image), mode in zip(ready, modes, strict=True) if mode == use_foi]
+        if group:
+            try:  # the pipeline checks a call's settings against the model before it compiles anything
+                edits = edit_group(pipe, args, group, use_foi, scheduler)
+            except ValueError as error:
+                print(f"error: {error}", file=sys.stderr)
+                errors.extend(f"{item.source}: {error}" for item, _ in group)
+                continue
+            for (item, image), edit in zip(group, edits, strict=True):
+                try:
+                    written = write_outputs(pipe, args, item, image, edit)
+                except (OSError, ValueError) as error:
+                    errors.append(f"{item.source}: cannot write {item.out} ({error})")
+                    print(f"error: {errors[-1]}", file=sys.stderr)
+                    continue
+                print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
+    return report_failures(errors, len(ready) + len(errors))
+
+
+def readable_items(args) -> tuple[list[tuple[EditItem, Image.Image]], list[str]]:
+    """The items (the manifest's, or the one of --image) whose images load, each with its image, and the errors of
+    the others (each printed as found)."""
     if args.manifest is not None:
         items, errors = read_manifest(args.manifest)
     else:
@@ -301,32 +384,31 @@ def main(argv=None) -> int:
             errors.append(str(error))
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
-    if not ready:
-        print("error: nothing to edit", file=sys.stderr)
-        return 1
+    return ready, errors
 
+
+def load_pipeline(args):
+    """The pipeline and the scheduler of the edits (``None``: the model's own), or ``(None, None)`` after printing
+    why not (an unknown attention kernel, a checkpoint that cannot be loaded, Karras sigmas the scheduler lacks)."""
     compilation_cache.enable(args.compilation_cache)
     import jax.numpy as jnp
 
     from ip2p_jax.models.attention_kernels import check_backend
-
-    sample = args.config.sample
-    try:
-        check_backend(sample.attention_backend)
-    except ValueError as error:
-        print(f"error: --config.sample.attention_backend: {error}", file=sys.stderr)
-        return 1
-
     from ip2p_jax.pipeline import InstructPix2PixPipeline
     from ip2p_jax.schedulers import SchedulerError
-    from ip2p_jax.visualisation import compare_grid, grid
     from ip2p_jax.weights import CheckpointError
 
+    sample = args.config.sample
     options = dict(
         revision=args.revision,
         dtype=jnp.bfloat16 if sample.dtype == "bfloat16" else jnp.float32,
         attention_backend=sample.attention_backend,
     )
+    try:
+        check_backend(sample.attention_backend)
+    except ValueError as error:
+        print(f"error: --config.sample.attention_backend: {error}", file=sys.stderr)
+        return None, None
     try:
         if Path(args.model).is_file():
             pipe = InstructPix2PixPipeline.from_single_file(
@@ -334,107 +416,125 @@ def main(argv=None) -> int:
             )
         else:
             pipe = InstructPix2PixPipeline.from_pretrained(args.model, variant=args.variant, **options)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    scheduler = sample.scheduler or None
-    if sample.karras:
-        try:
+        scheduler = sample.scheduler or None
+        if sample.karras:
             scheduler = pipe.scheduler.replace(scheduler, use_karras_sigmas=True)
-        except SchedulerError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-    use_foi = args.foi
-    if use_foi is None:
-        use_foi = args.mask is not None or any(
-            len(item.instructions) > 1 or item.instructions[0].keyword for item, _ in ready
-        )
-    masks = None
-    if args.mask is not None:
-        try:
-            masks = [read_masks(args.mask, ready[0][1])]
-        except ValueError as error:
-            print(f"error: --mask: {error}", file=sys.stderr)
-            return 1
-    if use_foi:
-        from ip2p_jax.foi import InstructionError, branch_tokens, instruction_tokens
+    except (CheckpointError, SchedulerError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None, None
+    return pipe, scheduler
 
-        tokenise = branch_tokens if args.foi_config.text_branches == "per_instruction" else instruction_tokens
-        checked = []
-        for item, image in ready:
-            try:
+
+def checked_items(pipe, args, ready: list, errors: list[str]) -> list:
+    """The items that pass the checks that need the tokenizer, before anything is edited: FoI's keywords in their
+    sub-instructions, ``--attention``'s words in the item (FoI: among its keywords; IP2P: in its instruction),
+    ``--mask`` files readable at the image's size. The others' errors are printed and added to ``errors``."""
+    from ip2p_jax.foi import branch_tokens, instruction_tokens
+    from ip2p_jax.tokenizer import word_token_weights
+
+    tokenise = branch_tokens if args.foi_config.text_branches == "per_instruction" else instruction_tokens
+    checked = []
+    for item, image in ready:
+        try:
+            if item.uses_foi(args.foi, args.mask is not None):
                 tokenise(pipe.tokenizer, item.instructions)
-                checked.append((item, image))
-            except InstructionError as error:
-                errors.append(f"{item.source}: {error}")
-                print(f"error: {item.source}: {error}", file=sys.stderr)
-        ready = checked
-        if not ready:
-            return 1
-    method = "FoI" if use_foi else "IP2P"
-    print(f"editing {len(ready)} image(s) with {method} on {pipe.mesh.size} device(s)", file=sys.stderr)
-    images = [image for _, image in ready]
+                keywords = [(sub.keyword or "").lower() for sub in item.instructions]
+                missing = [word for word in args.attention_words or [] if word.lower() not in keywords]
+                if missing:
+                    raise ValueError(f"--attention {', '.join(missing)}: FoI shows keywords, and these are {keywords}")
+                item.masks = None if args.mask is None else read_masks(args.mask, image)  # --image: one item
+            elif args.attention_words:
+                word_token_weights(pipe.tokenizer, item.prompt, args.attention_words)
+            checked.append((item, image))
+        except ValueError as error:  # foi.InstructionError is one
+            errors.append(f"{item.source}: {error}")
+            print(f"error: {errors[-1]}", file=sys.stderr)
+    return checked
+
+
+def edit_group(pipe, args, group: list, use_foi: bool, scheduler) -> list[dict]:
+    """One pipeline call for the items of one mode; each item's image is edited as it would be alone (its own
+    seed, never its place in the batch). Per item ``{"edited", "masks", "attention", "plain"}``: FoI's masks and
+    keyword maps, IP2P's token maps, and with ``--compare`` the IP2P edit of FoI's composite prompt (else None)."""
+    sample = args.config.sample
+    images = [image for _, image in group]
     common = dict(
         num_inference_steps=sample.steps,
         guidance_scale=sample.guidance_scale,
         image_guidance_scale=sample.image_guidance_scale,
         scheduler=scheduler,
-        seed=sample.seed,
+        seed=[item.seed if item.seed is not None else sample.seed for item, _ in group],
         guidance_rescale=sample.guidance_rescale,
         progress=args.progress,
     )
-    try:  # the pipeline checks a call's settings against the model before it compiles anything
-        if use_foi:
-            instructions = [item.instructions for item, _ in ready]
-            result = pipe(images, instructions=instructions, foi=args.foi_config, masks=masks, **common)
-        else:
-            prompts = [item.prompt for item, _ in ready]
-            result = pipe(images, prompts, strength=sample.strength, attention=args.attention_recording, **common)
-        plain = None
-        if args.compare and use_foi:  # IP2P with the composite prompt, same steps, strength and seed
-            prompts = [item.prompt for item, _ in ready]
+    prompts = [item.prompt for item, _ in group]
+    plain = [None] * len(group)
+    if use_foi:
+        masks = None if args.mask is None else [item.masks for item, _ in group]
+        instructions = [item.instructions for item, _ in group]
+        result = pipe(images, instructions=instructions, foi=args.foi_config, masks=masks, **common)
+        if args.compare:  # IP2P with the composite prompt, same steps, strength and seeds
             plain = pipe(images, prompts, strength=args.foi_config.strength, **common).images
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    failed = bool(errors)
-    for index, ((item, image), edited) in enumerate(zip(ready, result.images, strict=True)):
-        try:
-            item.out.parent.mkdir(parents=True, exist_ok=True)
-            edited.save(item.out)
-            if args.grid:
-                # input | output, the input resized to the output's size if they differ (sides floor to multiples of 8)
-                base = image.resize(edited.size, Image.LANCZOS) if image.size != edited.size else image
-                grid([[base, edited]]).save(item.out.with_suffix(".grid.png"))
-            if plain is not None:
-                comparison = compare_grid(image, result.masks[index]["image"], plain[index], edited)
-                comparison.save(item.out.with_suffix(".compare.png"))
-            if args.attention_words:
-                picture = attention_picture(pipe, item, image, edited, result, index, args.attention_words)
-                picture.save(item.out.with_suffix(".attention.png"))
-        except (OSError, ValueError) as error:
-            print(f"error: {item.source}: cannot write {item.out} ({error})", file=sys.stderr)
-            failed = True
-            continue
-        print(f"wrote {item.out}", file=sys.stderr)
-    return 1 if failed else 0
+    else:
+        result = pipe(images, prompts, strength=sample.strength, attention=args.attention_recording, **common)
+    return [
+        {
+            "edited": result.images[index],
+            "masks": None if result.masks is None else result.masks[index],
+            "attention": None if result.attention is None else result.attention[index],
+            "plain": plain[index],
+        }
+        for index in range(len(group))
+    ]
 
 
-def attention_picture(pipe, item, image, edited, result, index: int, words: list[str]):
+def write_outputs(pipe, args, item: EditItem, image: Image.Image, edit: dict) -> list[Path]:
+    """Writes an item's edit and the pictures asked for (``--grid``, ``--compare``, ``--attention``); returns
+    their paths."""
+    from ip2p_jax.visualisation import compare_grid, grid
+
+    edited = edit["edited"]
+    item.out.parent.mkdir(parents=True, exist_ok=True)
+    edited.save(item.out)
+    written = [item.out]
+    if args.grid:
+        # input | output, the input resized to the output's size if they differ (sides floor to multiples of 8)
+        base = image.resize(edited.size, Image.LANCZOS) if image.size != edited.size else image
+        written.append(item.out.with_suffix(".grid.png"))
+        grid([[base, edited]]).save(written[-1])
+    if edit["plain"] is not None:
+        written.append(item.out.with_suffix(".compare.png"))
+        compare_grid(image, edit["masks"]["image"], edit["plain"], edited).save(written[-1])
+    if args.attention_words:
+        written.append(item.out.with_suffix(".attention.png"))
+        attention_picture(pipe, item, image, edit, args.attention_words).save(written[-1])
+    return written
+
+
+def report_failures(errors: list[str], total: int) -> int:
+    """The exit status, 1 when any item failed, after a summary of the failures (a long batch's first errors have
+    scrolled away by its end)."""
+    if not errors:
+        return 0
+    print(f"{len(errors)} of {total} item(s) failed:", file=sys.stderr)
+    for message in errors:
+        print(f"  {message}", file=sys.stderr)
+    return 1
+
+
+def attention_picture(pipe, item, image, edit: dict, words: list[str]):
     """``--attention``'s grid for one edit: each word's map over the input and the edit (IP2P: from the token maps
-    the edit recorded; FoI: each keyword's map at the mask step, beside its mask). A word that is not in the
-    instruction (FoI: not a keyword) is a ``ValueError`` naming it."""
+    the edit recorded; FoI: each keyword's map at the mask step, beside its mask). ``checked_items`` has checked
+    the words."""
     from ip2p_jax.visualisation import attention_grid
 
-    if result.masks is None:
-        return attention_grid(image, edited, words, pipe.word_maps(item.prompt, result.attention[index], words))
+    if edit["masks"] is None:
+        maps = pipe.word_maps(item.prompt, edit["attention"], words)
+        return attention_grid(image, edit["edited"], words, maps)
     keywords = [(sub.keyword or "").lower() for sub in item.instructions]
-    missing = [word for word in words if word.lower() not in keywords]
-    if missing:
-        raise ValueError(f"--attention {', '.join(missing)}: FoI shows keywords, and this edit's are {keywords}")
     picks = [keywords.index(word.lower()) for word in words]
-    masks = result.masks[index]
-    return attention_grid(image, edited, words, masks["attention"][picks], masks["image"][picks])
+    masks = edit["masks"]
+    return attention_grid(image, edit["edited"], words, masks["attention"][picks], masks["image"][picks])
 
 
 if __name__ == "__main__":

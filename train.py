@@ -131,11 +131,21 @@ def train(config, workdir: Path, task, builder, mesh, micro_batch: int, main_pro
         state, state_sharding = initial_state(task, mesh, manager, workdir / "checkpoints", main_process)
     except ValueError as error:
         sys.exit(f"train.py: {error}")
-    step_fn, batch_sharding, frozen = sharded_step(task, mesh, state_sharding)
     key, start_step = jax.random.key(config.seed), int(jax.device_get(state.step))
+    total = config.steps * config.optim.accumulation
+    if start_step >= total:
+        if main_process:
+            print(
+                f"nothing to train: {workdir / 'checkpoints'} already holds step {start_step} of this config's "
+                f"{total}; to train on, raise the step count (--config.steps=N with N > {config.steps}), or choose "
+                "another --workdir to start afresh",
+                file=sys.stderr,
+            )
+        return
+    step_fn, batch_sharding, frozen = sharded_step(task, mesh, state_sharding)
     preemption = PreemptionWatch()  # before the progress bar: a notice from then on is caught
     reporter = Reporter(config, workdir, start_step, main_process)
-    total, started = config.steps * config.optim.accumulation, time.perf_counter()
+    started = time.perf_counter()
     stream = input_pipeline.batches_from_config(config, builder, micro_batch, start_step)
     sample_rows, loss = None, float("nan")
     for step in range(start_step + 1, total + 1):  # the step number once this one is done

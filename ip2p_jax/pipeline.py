@@ -10,6 +10,7 @@ images or ``uint8`` ``(H, W, 3)`` arrays, and everything inside is NHWC.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -80,7 +81,8 @@ class _EditCall:
       guidance_scale, image_guidance_scale: the call's scales, one for all its images.
       guidance_rescale: the rescale's ``phi`` where it runs (above 0, with the three branches), else ``None``.
       latents: ``latents=``, the ``(B, h, w, 4)`` start noise, or ``None``.
-      seed: image ``i`` of the call draws from ``fold_in(key(seed), i)``.
+      keys: per image ``(seed, index)``: it draws from ``fold_in(key(seed), index)`` (``(seed, i)`` for image ``i``
+        of a call with one seed, ``(seeds[i], 0)`` for a call with one seed per image).
       foi: FoI's settings; ``None`` for IP2P.
       attention: IP2P's ``attention=``, or ``None``.
       progress, output_type: as given.
@@ -91,7 +93,7 @@ class _EditCall:
     image_guidance_scale: float
     guidance_rescale: float | None
     latents: np.ndarray | None
-    seed: int
+    keys: tuple[tuple[int, int], ...]
     foi: FoIConfig | None
     attention: AttentionRecording | None
     progress: bool
@@ -135,11 +137,24 @@ class InstructPix2PixPipeline:
       tokenizer: the CLIP tokenizer.
       scheduler: the checkpoint's scheduler (``scheduler=`` in a call overrides it).
       mesh: the device mesh; batches are split over its ``data`` axis.
+      foi_config: the FoI settings of a call that gives ``instructions=`` and no ``foi=``: the model's own
+        (``FoIConfig.for_model``: the paper's, updated by the model folder's ``foi_config.json``).
     """
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler: Scheduler, params: dict, mesh=None):
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler: Scheduler,
+        params: dict,
+        mesh=None,
+        foi_config: FoIConfig | None = None,
+    ):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler = scheduler
+        self.foi_config = FoIConfig() if foi_config is None else foi_config
         self.mesh = data_mesh() if mesh is None else mesh
         self.params = jax.device_put(params, replicated(self.mesh))
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -177,7 +192,7 @@ class InstructPix2PixPipeline:
             variant=variant,
             prepare_unet=_with_attention_backend(attention_backend),
         )
-        return cls.from_stack(stack, mesh)
+        return cls.from_stack(stack, mesh, FoIConfig.for_model(path_or_repo_id, revision=revision))
 
     @classmethod
     def from_single_file(
@@ -197,7 +212,8 @@ class InstructPix2PixPipeline:
         or 8 input channels (``weights/single_file.py``). The tokenizer, the scheduler, every component's config and
         any component the file lacks come from ``config``, a diffusers folder or hub repo id of the same
         architecture (by default the one ``weights.SINGLE_FILE_CONFIGS`` names for the file); ``ema`` takes the
-        UNet's EMA weights where the file has both. Other arguments as ``from_pretrained``."""
+        UNet's EMA weights where the file has both. ``foi_config`` is ``config``'s where it names a folder with a
+        ``foi_config.json``, else the paper's. Other arguments as ``from_pretrained``."""
         stack = load_single_file_stack(
             path,
             config,
@@ -207,12 +223,15 @@ class InstructPix2PixPipeline:
             dtype=dtype,
             prepare_unet=_with_attention_backend(attention_backend),
         )
-        return cls.from_stack(stack, mesh)
+        foi_config = FoIConfig() if config is None else FoIConfig.for_model(config, revision=revision)
+        return cls.from_stack(stack, mesh, foi_config)
 
     @classmethod
-    def from_stack(cls, stack: ModelStack, mesh=None) -> InstructPix2PixPipeline:
-        """The pipeline of a ``ModelStack`` (``weights.load_stack``, ``random_models.tiny_text_to_image``)."""
-        return cls(stack.unet, stack.vae, stack.text_encoder, stack.tokenizer, stack.scheduler, stack.params, mesh)
+    def from_stack(cls, stack: ModelStack, mesh=None, foi_config: FoIConfig | None = None) -> InstructPix2PixPipeline:
+        """The pipeline of a ``ModelStack`` (``weights.load_stack``, ``random_models.tiny_text_to_image``);
+        ``foi_config``: its FoI settings (``None``: the paper's)."""
+        stack_parts = (stack.unet, stack.vae, stack.text_encoder, stack.tokenizer, stack.scheduler, stack.params)
+        return cls(*stack_parts, mesh, foi_config)
 
     # ------------------------------------------------------------------ building blocks
 
@@ -270,7 +289,7 @@ class InstructPix2PixPipeline:
         guidance_scale: float = 7.5,
         image_guidance_scale: float = 1.5,
         scheduler: Scheduler | str | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         latents: np.ndarray | None = None,
         strength: float | None = None,
         output_type: str = "pil",
@@ -292,7 +311,8 @@ class InstructPix2PixPipeline:
           scheduler: a ``Scheduler``, a scheduler name (``schedulers.SCHEDULERS``) with the checkpoint's config, or
             ``None`` for the checkpoint's own; ``pipe.scheduler.replace("dpmpp_2m", use_karras_sigmas=True)`` is
             DPM++ 2M Karras. The checkpoint's ``prediction_type`` (epsilon or v) and noise schedule come along.
-          seed: image ``i`` of the call draws its noise (and FoI's ``tau``) from ``fold_in(PRNGKey(seed), i)``.
+          seed: image ``i`` of the call draws its noise (and FoI's ``tau``) from ``fold_in(PRNGKey(seed), i)``; a list
+            of one seed per image: image ``i`` draws as it would alone in a call with ``seed=seed[i]``.
           latents: ``(B, H/8, W/8, 4)`` start noise (as diffusers' ``latents``: multiplied by the scheduler's
             ``init_noise_sigma`` at full strength); all images must then have one size.
           strength: in (0, 1]; below 1, start from the image latent noised to step ``n - int(n * strength)`` and
@@ -301,7 +321,8 @@ class InstructPix2PixPipeline:
           progress: show a progress bar per group of images.
           instructions: FoI: per image a list of sub-instructions (``foi.SubInstruction``, ``(text, keyword)``,
             ``(text, keyword, alpha)`` or a plain text); a flat list is one image's. Replaces ``prompt``.
-          foi: FoI settings (``FoIConfig()`` for the paper's); given with ``instructions``.
+          foi: FoI settings, given with ``instructions``; ``None``: the model's own, ``self.foi_config`` (its folder's
+            ``foi_config.json`` over the paper's); ``FoIConfig()`` is the paper's whatever the model.
           guidance_rescale: ``phi`` in [0, 1] of Lin et al.'s guidance rescale applied to the three-branch guidance
             (ours, ``guidance.dual_guidance``; diffusers' IP2P pipeline has none): the guided output's standard
             deviation is pulled toward the text + image branch's. 0 (the default) is plain IP2P guidance.
@@ -313,7 +334,7 @@ class InstructPix2PixPipeline:
             for one image). Brought to the mask resolution as FoI resizes masks (``foi.resize_masks``: a cell is
             inside when any of its area is). The masks returned are these.
         """
-        images, prompts, per_image, foi = _images_and_instructions(image, prompt, instructions, foi)
+        images, prompts, per_image, foi = _images_and_instructions(image, prompt, instructions, foi, self.foi_config)
         image_sizes = None if masks is None else [to_rgb_array(im).shape[:2] for im in images]
         given_masks = foi_call.given_masks(masks, image_sizes, per_image)
         call = self._settle(
@@ -322,6 +343,7 @@ class InstructPix2PixPipeline:
             image_guidance_scale=image_guidance_scale,
             scheduler=scheduler,
             seed=seed,
+            image_count=len(images),
             latents=latents,
             strength=strength,
             output_type=output_type,
@@ -353,7 +375,8 @@ class InstructPix2PixPipeline:
         guidance_scale: float,
         image_guidance_scale: float,
         scheduler: Scheduler | str | None,
-        seed: int,
+        seed: int | Sequence[int],
+        image_count: int,
         latents: np.ndarray | None,
         strength: float | None,
         output_type: str,
@@ -364,8 +387,8 @@ class InstructPix2PixPipeline:
     ) -> _EditCall:
         """Checks a call's options (those of ``__call__``; ``foi`` as ``_images_and_instructions`` settled it)
         against each other and the model, and settles them: the default strength (1, FoI's ``foi.strength``), the
-        scheduler, whether the three guidance branches and the guidance rescale run; ``steps_for_strength`` checks
-        the strength against the steps."""
+        scheduler, whether the three guidance branches and the guidance rescale run, each image's key;
+        ``steps_for_strength`` checks the strength against the steps."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         if not 0.0 <= guidance_rescale <= 1.0:
@@ -393,7 +416,7 @@ class InstructPix2PixPipeline:
             image_guidance_scale=image_guidance_scale,
             guidance_rescale=guidance_rescale if guidance_rescale > 0.0 and settings.dual_guidance else None,
             latents=latents,
-            seed=seed,
+            keys=_image_keys(seed, image_count),
             foi=foi,
             attention=attention,
             progress=progress,
@@ -454,19 +477,20 @@ class InstructPix2PixPipeline:
         self, call: _EditCall, group: _SizeGroup, image_latents: jax.Array, context: jax.Array, null_context: jax.Array
     ) -> SamplerInputs:
         """A group's ``SamplerInputs``, ``n`` images: ``image_latents`` ``(n, h, w, 4)``, ``context`` ``(n, 77, D)``
-        and the null text's ``(1, 77, D)`` encoding broadcast to it, each image's key ``fold_in(key(seed), i)`` for
-        its index ``i`` in the call, the guidance scales (and the rescale's ``phi`` when it runs) as ``(n,)``
-        float32, and ``latents=`` as float32."""
+        and the null text's ``(1, 77, D)`` encoding broadcast to it, each image's key (``call.keys``), the guidance
+        scales (and the rescale's ``phi`` when it runs) as ``(n,)`` float32, and ``latents=`` as float32."""
         n = len(group.indices)
         fill = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (n,))  # noqa: E731
-        base_key = jax.random.key(call.seed)
+        keys = [call.keys[i] for i in group.indices]
         if context.ndim == 4:  # per-instruction mode: the sampler reads the slots' contexts (FoIInputs.contexts)
             context = context[:, 0]
         return SamplerInputs(
             image_latents=image_latents,
             context=context,
             null_context=jnp.broadcast_to(null_context, context.shape),
-            keys=jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(group.indices)),
+            keys=jax.random.wrap_key_data(
+                jnp.stack([jax.random.key_data(jax.random.fold_in(jax.random.key(seed), i)) for seed, i in keys])
+            ),
             guidance_scale=fill(call.guidance_scale),
             image_guidance_scale=fill(call.image_guidance_scale),
             latents=None if call.latents is None else jnp.asarray(call.latents, jnp.float32),
@@ -576,18 +600,18 @@ class InstructPix2PixPipeline:
 
 
 def _images_and_instructions(
-    image, prompt, instructions, foi: FoIConfig | None
+    image, prompt, instructions, foi: FoIConfig | None, default_foi: FoIConfig
 ) -> tuple[list[ImageLike], list[str], list[list[foi_lib.SubInstruction]] | None, FoIConfig | None]:
     """A call's images, each paired with its instruction: ``prompt`` (IP2P) or ``instructions`` (FoI, with ``foi``
-    defaulting to ``FoIConfig()``); a single instruction is repeated over the images, a single image over the
-    instructions. Returns ``(images, prompts, per_image, foi)``: ``prompts`` one per image (FoI's: the composite
-    prompts), ``per_image`` FoI's sub-instructions per image (``None`` for IP2P)."""
+    defaulting to ``default_foi``, the model's); a single instruction is repeated over the images, a single image
+    over the instructions. Returns ``(images, prompts, per_image, foi)``: ``prompts`` one per image (FoI's: the
+    composite prompts), ``per_image`` FoI's sub-instructions per image (``None`` for IP2P)."""
     images = [image] if isinstance(image, Image.Image | np.ndarray) and np.ndim(image) != 4 else list(image)
     if (instructions is None) == (prompt is None):
         raise ValueError("give either prompt= (IP2P) or instructions= (FoI)")
     if instructions is not None:
         per_image = foi_call.instruction_lists(instructions)
-        foi = FoIConfig() if foi is None else foi
+        foi = default_foi if foi is None else foi
         prompts = [foi_lib.composite_prompt(subs)[0] for subs in per_image]
     else:
         if foi is not None:
@@ -601,6 +625,17 @@ def _images_and_instructions(
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} instructions")
     return images, prompts, per_image, foi
+
+
+def _image_keys(seed: int | Sequence[int], image_count: int) -> tuple[tuple[int, int], ...]:
+    """``(seed, index)`` of each image's key (``_EditCall.keys``): ``(seed, i)`` for one seed, ``(seed[i], 0)``, as
+    alone in a call, for one seed per image."""
+    if isinstance(seed, numbers.Integral):
+        return tuple((int(seed), i) for i in range(image_count))
+    seeds = list(seed)
+    if len(seeds) != image_count or not all(isinstance(s, numbers.Integral) for s in seeds):
+        raise ValueError(f"seed must be an integer or a list of one integer per image ({image_count}), got {seed!r}")
+    return tuple((int(s), 0) for s in seeds)
 
 
 def _edit_output(call: _EditCall, pictures: list[np.ndarray], extras: list) -> EditOutput:

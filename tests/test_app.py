@@ -30,8 +30,9 @@ def served():
 
     args = app.parse_args(["--port", str(free_port())])
     pipe, foi_config = app.load_pipeline(args)
-    demo = app.build_app(pipe, foi_config, app.native_size(args.model, pipe.vae_scale_factor), args.model)
-    app.launch(demo, "127.0.0.1", args.port, block=False)
+    limits = app.limits_from_args(args, pipe)
+    demo = app.build_app(pipe, foi_config, limits, args.model)
+    app.launch(demo, "127.0.0.1", args.port, limits, block=False)
     yield f"http://127.0.0.1:{args.port}", pipe, foi_config
     demo.close()
 
@@ -93,16 +94,22 @@ def test_an_foi_edit_completes_and_shows_the_edit_masks_and_ip2p(page, served):
 
 def test_a_bad_upload_shows_an_error_and_the_app_keeps_serving(page, tmp_path):
     """A file that is not a picture is refused on the page (by the upload's type, or by our reader when it is
-    named like one); the next edit still runs."""
+    named like one), by its name and never a path of the server; the last edit's results stay; the next edit
+    still runs and says its size."""
     (tmp_path / "notes.txt").write_text("not a picture")
     page.locator("#picture input[type=file]").set_input_files(str(tmp_path / "notes.txt"))
     page.wait_for_selector(".toast-body:has-text('Invalid file type')", timeout=30_000)
 
+    before = page.locator("#edited img").first.get_attribute("src")  # the FoI edit of the test before
     (tmp_path / "fake.png").write_text("not a picture either")
     fill_and_edit(page, tmp_path / "fake.png", "make the circle blue")
-    page.wait_for_selector(".toast-body:has-text('not a picture this editor can read')", timeout=WAIT_MS)
+    page.wait_for_selector("#status:has-text('Not edited')", timeout=WAIT_MS)
+    status = page.locator("#status").inner_text()
+    assert "the upload (fake.png) is not a picture this editor can read" in status and "/" not in status
+    assert page.locator(".toast-body:has-text('not a picture this editor can read')").count() >= 1
+    assert page.locator("#edited img").first.get_attribute("src") == before  # the results stay
+    assert page.locator("#masks img").count() == 2 and page.locator("#plain img").count() == 1
 
-    before = page.locator("#edited img").first.get_attribute("src")
     fill_and_edit(page, EXAMPLE, "make the circle blue")  # plain IP2P: one instruction, no keyword
     page.wait_for_function(
         "before => { const img = document.querySelector('#edited img'); return img && img.src !== before; }",
@@ -111,6 +118,7 @@ def test_a_bad_upload_shows_an_error_and_the_app_keeps_serving(page, tmp_path):
     )
     assert shown_picture(page, "#edited").size == Image.open(EXAMPLE).size
     assert page.locator("#masks img").count() == 0
+    page.wait_for_selector("#status:has-text('Edited at 64 x 64 px')", timeout=30_000)
 
 
 def painted_layer(size: tuple[int, int], box: tuple[int, int, int, int] | None) -> Image.Image:
@@ -160,8 +168,11 @@ def test_a_brush_edit_is_the_pipelines_edit_with_those_masks(served, tmp_path):
         records.append({"path": str(path), "meta": {"_type": "gradio.FileData"}})
     value = {"background": None, "layers": records, "composite": None}
     brush = gr.ImageEditor(type="pil", image_mode="RGBA", render=False)
-    edit = app.make_editor(pipe, foi_config, max(picture.size), brush)
-    edited, shown_masks, _ = edit({"path": str(EXAMPLE)}, FOI_INSTRUCTIONS, value, 2, 7.5, 1.5, 0, foi_config.strength)
+    edit = app.make_editor(pipe, foi_config, app.Limits(max(picture.size)), brush)
+    edited, shown_masks, _, status = edit(
+        {"path": str(EXAMPLE)}, FOI_INSTRUCTIONS, value, 2, 7.5, 1.5, 0, foi_config.strength
+    )
+    assert status == "Edited at 64 x 64 px."
 
     masks = app.brush_masks([painted_layer(picture.size, box) for box in boxes], picture.size, 2)
     expected = pipe(
@@ -180,5 +191,53 @@ def test_a_brush_edit_is_the_pipelines_edit_with_those_masks(served, tmp_path):
     np.testing.assert_array_equal(expected.masks[0]["latent"], masks[:, ::factor, ::factor])
     assert len(shown_masks) == 2
 
-    with pytest.raises(gr.Error, match="paint a region for instruction"):
-        edit({"path": str(EXAMPLE)}, FOI_INSTRUCTIONS, {**value, "layers": records[:1]}, 2, 7.5, 1.5, 0, 0.8)
+    # A refused request leaves the results as they are (gr.skip()) and says why in the status line.
+    refused = edit({"path": str(EXAMPLE)}, FOI_INSTRUCTIONS, {**value, "layers": records[:1]}, 2, 7.5, 1.5, 0, 0.8)
+    assert refused[:3] == (gr.skip(),) * 3 and refused[3].startswith("**Not edited:** paint a region for instruction")
+
+
+def test_uploads_and_requests_beyond_the_limits_are_clear_errors(tmp_path):
+    """The checks of one request, without a server: sizes (scaled with both sizes named; too many pixels refused
+    from the header, before decoding), the number and length of instructions, and the settings' types and ranges."""
+    import app
+
+    limits = app.Limits(max_size=64, max_pixels=10_000_000)
+    Image.new("RGB", (3000, 1500), (200, 10, 10)).save(tmp_path / "big.png")
+    image, original = app.read_upload({"path": str(tmp_path / "big.png")}, limits)
+    assert original == (3000, 1500) and image.size == (64, 32)
+    notice = app.edit_notice(original, image.size, (64, 32))
+    assert notice == "The upload is 3000 x 1500 px; edited at 64 x 32 px (scaled to the model's size; --max-size)."
+    # A PNG that declares 5000 x 5000 px in a few hundred bytes: refused from its header, never decoded.
+    Image.new("1", (5000, 5000)).save(tmp_path / "bomb.png", optimize=True)
+    assert (tmp_path / "bomb.png").stat().st_size < 10_000
+    with pytest.raises(ValueError, match=r"the upload \(bomb.png\) is 5000 x 5000 px; this editor takes at most"):
+        app.read_upload({"path": str(tmp_path / "bomb.png")}, app.Limits(64, max_pixels=1_000_000))
+    (tmp_path / "fake.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError) as refused:
+        app.read_upload({"path": str(tmp_path / "fake.png")}, limits)
+    assert str(tmp_path) not in str(refused.value) and "(fake.png)" in str(refused.value)
+    for bad in ("a path", 3, {"url": "x"}):
+        with pytest.raises(ValueError, match="must be an uploaded file"):
+            app.read_upload(bad, limits)
+    with pytest.raises(ValueError, match="9 instructions; this editor takes at most 8"):
+        app.parse_instructions("\n".join(["make it red"] * 9))
+    with pytest.raises(ValueError, match="at most 2000"):
+        app.parse_instructions("x" * 5000)
+    with pytest.raises(ValueError, match="must be text"):
+        app.parse_instructions(["make it red"])
+    good = (20, 7.5, 1.5, 0, 0.8)
+    assert app.edit_settings(*good)["num_inference_steps"] == 20
+    for index, value, message in [
+        (0, "20", "steps must be a number"),
+        (0, 1000, r"steps must be a whole number in \[1, 100\]"),
+        (0, 2.5, "whole number"),
+        (1, float("nan"), "text guidance s_T must be a number"),
+        (3, -1, "seed must be a whole number"),
+        (3, None, "seed must be a number"),
+        (4, 0, r"strength must be in \(0, 1\]"),
+        (4, True, "strength must be a number"),
+    ]:
+        settings = list(good)
+        settings[index] = value
+        with pytest.raises(ValueError, match=message):
+            app.edit_settings(*settings)

@@ -100,19 +100,11 @@ def test_unknown_attention_backend_is_a_clear_error(tmp_path, capsys):
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     image = write_image(tmp_path / "in.png", 64)
-    code = sample.main(
-        [
-            "--model",
-            str(tmp_path / "nope"),
-            "--image",
-            str(image),
-            "--instruction",
-            "x",
-            "--out",
-            str(tmp_path / "o.png"),
-        ]
-    )
-    assert code == 1 and "error:" in capsys.readouterr().err
+    argv = ["--model", str(tmp_path / "nope"), "--image", str(image), "--instruction", "x"]
+    with pytest.raises(SystemExit) as exit_info:  # a usage error, before anything is loaded
+        sample.main(argv + ["--out", str(tmp_path / "o.png")])
+    assert exit_info.value.code == 2
+    assert f"error: --model: no such folder: {tmp_path / 'nope'}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -141,6 +133,46 @@ def test_foi_keyword_errors_are_reported_per_item(pipeline_dir, tmp_path, capsys
     code = sample.main(["--model", str(pipeline_dir), "--manifest", str(manifest)] + FAST)
     assert code == 1 and "foi.jsonl:1: keyword 'dog' does not occur in sub-instruction 0" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
+
+
+@pytest.mark.slow
+def test_a_manifest_edits_each_item_in_its_own_mode_as_it_would_alone(pipeline_dir, tmp_path, capsys):
+    write_image(tmp_path / "in.png", 64)
+    foi_item = {"image": "in.png", "out": "foi.png", "instructions": [{"text": "turn the cat red", "keyword": "cat"}]}
+    plain_item = {"image": "in.png", "instruction": "make the sky blue", "out": "plain.png"}
+    missing = {"image": "missing.png", "instruction": "make it red", "out": "x.png"}
+    manifest = tmp_path / "mixed.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in (foi_item, plain_item, missing)) + "\n")
+    common = ["--model", str(pipeline_dir), "--config.foi.mask_downsample=2", "--no-progress"]
+    common += ["--compilation-cache", str(tmp_path / "cache")] + FAST  # the runs alone read the batch's programs
+    assert sample.main(["--manifest", str(manifest)] + common) == 1
+    err = capsys.readouterr().err
+    assert "editing 2 image(s) (1 with FoI, 1 with IP2P)" in err
+    # The failures again at the end, after the edits.
+    assert err.rstrip().endswith(
+        f"1 of 3 item(s) failed:\n  {manifest}:3: image {tmp_path / 'missing.png'} does not exist"
+    )
+    alone = ["--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "alone.png")]
+    for item, subs in (
+        (plain_item, ["--instruction", "make the sky blue"]),
+        (foi_item, ["--instruction", "turn the cat red", "--keyword", "cat"]),
+    ):
+        assert sample.main(alone + subs + common) == 0
+        batch, single = Image.open(tmp_path / item["out"]), Image.open(tmp_path / "alone.png")
+        np.testing.assert_array_equal(np.asarray(batch), np.asarray(single))
+
+
+def test_attention_words_are_checked_before_any_edit(pipeline_dir, tmp_path, capsys):
+    image = write_image(tmp_path / "in.png", 64)
+    out = tmp_path / "o.png"
+    argv = ["--model", str(pipeline_dir), "--image", str(image), "--out", str(out)] + FAST
+    assert sample.main(argv + ["--instruction", "make the sky blue", "--keyword", "sky", "--attention", "blue"]) == 1
+    err = capsys.readouterr().err
+    assert "error: --image: --attention blue: FoI shows keywords, and these are ['sky']" in err
+    assert "editing" not in err and not out.exists()
+    assert sample.main(argv + ["--instruction", "make the sky blue", "--attention", "cat"]) == 1  # IP2P
+    err = capsys.readouterr().err
+    assert "error: --image:" in err and "cat" in err and "editing" not in err and not out.exists()
 
 
 def test_keyword_count_must_match(capsys):
@@ -282,7 +314,44 @@ def test_masks_from_files_replace_foi_own(pipeline_dir, tmp_path, capsys):
     wrong = [str(tmp_path / "short.png") if a == str(tmp_path / "bottom.png") else a for a in argv]
     capsys.readouterr()
     assert sample.main(wrong + FAST) == 1
-    assert f"error: --mask: {tmp_path / 'short.png'} is 64 x 32 px, the image 64 x 64 px" in capsys.readouterr().err
+    assert (
+        f"error: --image: --mask: {tmp_path / 'short.png'} is 64 x 32 px, the image 64 x 64 px"
+        in capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         sample.main(argv[:-2] + FAST)
     assert "give one --mask per --instruction (1 for 2)" in capsys.readouterr().err
+
+
+def test_help_names_every_kind_of_bad_item_and_the_defaults(capsys):
+    import app
+
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    assert "a keyword not in its\ninstruction" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        app.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "port to serve on (default: 7860)" in shown and "(default: 32)" in shown
+
+
+# Run with the test extra's packages hidden, as after the plain ``pip install -e .`` of README's first command.
+# A module set to None in sys.modules cannot be imported, and importlib.util.find_spec reports it missing.
+WITHOUT_TEST_EXTRA = """
+import sys
+sys.modules.update(dict.fromkeys(["torch", "diffusers", "gradio", "gradio_client", "playwright", "pytest"]))
+sys.path.insert(0, sys.argv.pop(1))
+import sample
+sys.exit(sample.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_the_library_edits_without_the_test_extra(pipeline_dir, tmp_path):
+    image = write_image(tmp_path / "in.png", 64)
+    argv = ["--model", pipeline_dir, "--image", image, "--out", tmp_path / "o.png", "--no-progress"] + FAST
+    argv += ["--instruction", "make the sky blue", "--keyword", "sky", "--config.foi.mask_downsample=2"]
+    command = [sys.executable, "-c", WITHOUT_TEST_EXTRA, ROOT, *argv, "--compilation-cache", "off"]
+    run = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "PyTorch was not found" not in run.stderr and Image.open(tmp_path / "o.png").size == (64, 64)

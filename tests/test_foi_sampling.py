@@ -99,9 +99,19 @@ def test_image_sizes_off_the_32_px_grid(pipe_vae8x, ip2p_edits, width, height, m
     assert difference <= 1e-5
 
 
-def test_masks_shapes_and_a_real_edit_differs(pipe, image):
+def test_a_call_without_foi_takes_the_model_folders_settings(pipe, pipeline_dir, tmp_path):
+    assert pipe.foi_config == FoIConfig()  # the tiny model's folder has no foi_config.json
+    for part in pipeline_dir.iterdir():
+        (tmp_path / part.name).symlink_to(part)
+    (tmp_path / "foi_config.json").write_text('{"mask_downsample": 2}')
+    assert InstructPix2PixPipeline.from_pretrained(tmp_path).foi_config == FOI
+
+
+def test_masks_shapes_and_a_real_edit_differs(pipe, image, monkeypatch):
     subs = [("make the sky blue", "sky"), ("turn the cat red", "cat")]
     edited = pipe(image, instructions=subs, foi=FOI, **STEPS)
+    monkeypatch.setattr(pipe, "foi_config", FOI)  # as a folder's foi_config.json sets it
+    assert np.array_equal(pipe(image, instructions=subs, **STEPS).images, edited.images)
     masks = edited.masks[0]
     assert masks["latent"].shape == (2, 8, 8) and masks["image"].shape == (2, SIZE, SIZE)
     assert set(np.unique(masks["latent"])) <= {0.0, 1.0}

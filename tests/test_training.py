@@ -381,10 +381,16 @@ def test_train_py_runs_saves_samples_and_resumes(tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
     # Two rows (input | target | edit) of 32 px pictures.
     assert Image.open(tmp_path / "samples" / "step_0000002.png").size == (3 * 32, 2 * 32)
-    # Resuming a finished run restores the last checkpoint and has no step left (no compilation needed).
+    # Resuming a finished run restores the last checkpoint, says that it has no step left and how to train more,
+    # and compiles nothing.
     resumed = _run(command + small + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at step 2 (data position 2)" in resumed.stderr
+    assert "nothing to train" in resumed.stderr and "--config.steps=N with N > 2" in resumed.stderr
+    assert "done:" not in resumed.stderr and "nan" not in resumed.stderr
+    more = _run(command + small[1:] + ["--config.steps=3"])  # and raising the step count trains on
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resumed at step 2" in more.stderr and "done: step 3" in more.stderr
     missing = _run(command[:-1] + [tmp_path / "none", "--resume"])
     assert missing.returncode != 0 and "no checkpoint" in missing.stderr
 

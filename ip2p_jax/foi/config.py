@@ -9,13 +9,12 @@ import numbers
 import os
 import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-from ip2p_jax.weights.files import FOI_CONFIG
+from ip2p_jax.weights.files import FOI_CONFIG, optional_file
 
 TEXT_BRANCHES = ("composite", "per_instruction")
 MASK_SOURCES = ("attention", "noise_difference")
@@ -104,12 +103,13 @@ class FoIConfig:
         return self.mask_downsample.bit_length() - 1
 
     @classmethod
-    def for_model(cls, model: str | os.PathLike, **overrides) -> FoIConfig:
-        """The paper's settings, updated by the model folder's ``foi_config.json`` where it has one (settings its
-        makers chose for its architecture, e.g. the shipped ShapesEdit model's mask resolution), then by
-        ``overrides``. Unknown or invalid settings in the file are errors that name it (even when overridden)."""
-        path = Path(model) / FOI_CONFIG
-        settings = json.loads(path.read_text()) if path.is_file() else {}
+    def for_model(cls, model: str | os.PathLike, *, revision: str | None = None, **overrides) -> FoIConfig:
+        """The paper's settings, updated by the model's ``foi_config.json`` where it has one (settings its makers
+        chose for its architecture, e.g. the shipped ShapesEdit model's mask resolution), then by ``overrides``.
+        ``model`` is a local folder or a hub repo id (``revision``: its revision). Unknown or invalid settings in the
+        file are errors that name it (even when overridden)."""
+        path = optional_file(model, FOI_CONFIG, revision=revision)
+        settings = json.loads(path.read_text()) if path is not None else {}
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(settings) - names)
         if unknown:

@@ -70,6 +70,22 @@ def resolve_folder(
     return folder
 
 
+def optional_file(path_or_repo_id: str | os.PathLike, filename: str, *, revision: str | None = None) -> Path | None:
+    """A top-level file of a model folder or hub repo that it need not have (``FOI_CONFIG``), or ``None`` where it
+    lacks it (a single-file checkpoint lacks every such file). A hub repo id downloads only that file (or takes it
+    from the cache); an unreachable hub is ``CheckpointError`` as for the components."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_file():
+        return None
+    if path.is_dir():
+        root = path
+    elif isinstance(path_or_repo_id, str) and _REPO_ID.match(path_or_repo_id) and not path.exists():
+        root = _download(path_or_repo_id, [filename], revision)
+    else:
+        raise CheckpointError(f"no such folder: {path} (nor is it a hub repo id of the form owner/name)")
+    return root / filename if (root / filename).is_file() else None
+
+
 def _download(repo_id: str, allow_patterns: list[str], revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
