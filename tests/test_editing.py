@@ -67,3 +67,19 @@ def test_any_params_go_in(setup):
     got = np.asarray(run(other, inputs))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     assert np.abs(got - np.asarray(run(original, inputs))).max() > 1e-3
+
+
+def test_one_seed_per_image_edits_each_as_it_would_be_alone(setup):
+    """``seed=[...]``: image ``i`` draws from ``fold_in(key(seed[i]), 0)``, as alone in a call with that seed; a
+    list of the wrong length is an error."""
+    pipe, images, _, _ = setup
+    options = dict(num_inference_steps=STEPS, output_type="np", progress=False)
+    both = pipe(images, PROMPTS, seed=[SEED, 11], **options).images
+    alone = pipe(images[1], PROMPTS[1], seed=11, **options).images  # the same compiled sampler (one of the pair)
+    # A batch of two and a batch of one are two programs: equal to float rounding (another key would differ by
+    # tenths).
+    np.testing.assert_allclose(both[1], alone[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(both[0], pipe(images[0], PROMPTS[0], seed=SEED, **options).images[0], rtol=0, atol=1e-5)
+    assert np.abs(both[1] - pipe(images[1], PROMPTS[1], seed=12, **options).images[0]).max() > 0.05
+    with pytest.raises(ValueError, match="a list of one integer per image"):
+        pipe(images, PROMPTS, seed=[1], **options)
