@@ -336,6 +336,7 @@ def load_item(item: EditItem) -> Image.Image:
 def main(argv=None) -> int:
     args = parse_args(argv)
     ready, errors = readable_items(args)
+    total = len(ready) + len(errors)  # a manifest's lines, each an item or an error
     if not ready:
         print("error: nothing to edit", file=sys.stderr)
         return 1
@@ -344,7 +345,7 @@ def main(argv=None) -> int:
         return 1
     ready = checked_items(pipe, args, ready, errors)
     if not ready:
-        return report_failures(errors, len(errors))
+        return report_failures(errors, total)
     modes = [item.uses_foi(args.foi, args.mask is not None) for item, _ in ready]
     counts = f"{sum(modes)} with FoI, {len(modes) - sum(modes)} with IP2P"
     print(f"editing {len(ready)} image(s) ({counts}) on {pipe.mesh.size} device(s)", file=sys.stderr)
@@ -365,7 +366,7 @@ def main(argv=None) -> int:
                     print(f"error: {errors[-1]}", file=sys.stderr)
                     continue
                 print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
-    return report_failures(errors, len(ready) + len(errors))
+    return report_failures(errors, total)
 
 
 def readable_items(args) -> tuple[list[tuple[EditItem, Image.Image]], list[str]]:

@@ -188,7 +188,9 @@ def test_a_mask_resolution_the_model_lacks_is_a_clean_error(pipeline_dir, tmp_pa
     argv = ["--model", str(pipeline_dir), "--image", str(image), "--out", str(tmp_path / "o.png")]
     argv += ["--instruction", "make the sky blue", "--keyword", "sky", "--config.foi.mask_downsample=8"]
     assert sample.main(argv + FAST) == 1
-    assert "error: mask_downsample 8: the UNet has no cross-attention layer 3 levels below" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: mask_downsample 8: the UNet has no cross-attention layer 3 levels below" in err
+    assert "1 of 1 item(s) failed:\n  --image: mask_downsample 8" in err
     assert not (tmp_path / "o.png").exists()
 
 
