@@ -143,9 +143,14 @@ def outcome_of(result) -> str:
     return "ok" if result[0] else "empty answer"
 
 
-def load_phase(server: Server, args) -> dict:
-    """``args.clients`` gradio_client clients submitting ``args.edits`` edits in all; latencies in seconds."""
-    from gradio_client import Client
+def load_phase(server: Server, args, workdir: Path) -> dict:
+    """``args.clients`` gradio_client clients submitting ``args.edits`` edits in all; latencies in seconds. Each edit
+    sends its own picture (the example with one corner pixel changed), as different users do: Gradio writes each
+    output picture to a cache path named by its content, rewriting the file for an equal picture while another
+    request may still be downloading it (``processing_utils.save_pil_to_cache``), which the first 200-edit run of
+    identical requests met once."""
+    from gradio_client import Client, handle_file
+    from PIL import Image
 
     remaining, lock = [args.edits], threading.Lock()
     latencies, outcomes = [], collections.Counter()
@@ -159,9 +164,15 @@ def load_phase(server: Server, args) -> dict:
                 remaining[0] -= 1
                 number = remaining[0]
             instructions = PLAIN if number % 2 else FOI
+            picture = workdir / f"picture-{number}.png"
+            with Image.open(EXAMPLE) as example:
+                example = example.convert("RGB")
+                example.putpixel((0, 0), (number % 256, number // 256 % 256, 0))
+                example.save(picture)
             started = time.perf_counter()
             try:
-                result = client.predict(*edit_arguments(instructions, args.steps), api_name="/edit")
+                upload = handle_file(str(picture))
+                result = client.predict(*edit_arguments(instructions, args.steps, upload), api_name="/edit")
                 kind = outcome_of(result)
             except Exception as error:  # noqa: BLE001  # every failure is counted by kind, none stops the phase
                 kind = f"error: {type(error).__name__}: {str(error)[:80]}"
@@ -307,7 +318,7 @@ def run(args) -> dict:
                 client.predict(*edit_arguments(instructions, steps), api_name="/edit")
             upload = upload_record(server)
             memory_before, tracebacks_before = server.rss_mb(), server.tracebacks()
-            report = {"load": load_phase(server, args), "up_after_load": server.up()}
+            report = {"load": load_phase(server, args, workdir), "up_after_load": server.up()}
             report["burst"] = burst_phase(server, args, upload)
             report["disconnect"] = disconnect_phase(server, args, upload)
             report["malformed"] = malformed_phase(server, args, upload, workdir)
