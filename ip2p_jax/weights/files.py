@@ -55,15 +55,7 @@ def resolve_folder(
     A local folder is used as it is; a string of the form ``owner/name`` that is not a local folder is a hub repo
     id, downloaded (only this component's files) or taken from the cache. Raises ``CheckpointError``.
     """
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
-        root = path
-    elif isinstance(path_or_repo_id, str) and _REPO_ID.match(path_or_repo_id) and not path.exists():
-        root = _download(path_or_repo_id, _hub_patterns(subfolder, weights_name, variant), revision)
-    elif path.exists():
-        raise CheckpointError(f"{path} is a file, not a diffusers-layout folder")
-    else:
-        raise CheckpointError(f"no such folder: {path} (nor is it a hub repo id of the form owner/name)")
+    root = _root(path_or_repo_id, _hub_patterns(subfolder, weights_name, variant), revision)
     folder = root / subfolder if subfolder else root
     if not folder.is_dir():
         raise CheckpointError(f"{root} has no {subfolder!r} folder")
@@ -74,16 +66,23 @@ def optional_file(path_or_repo_id: str | os.PathLike, filename: str, *, revision
     """A top-level file of a model folder or hub repo that it need not have (``FOI_CONFIG``), or ``None`` where it
     lacks it (a single-file checkpoint lacks every such file). A hub repo id downloads only that file (or takes it
     from the cache); an unreachable hub is ``CheckpointError`` as for the components."""
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_file():
+    if Path(path_or_repo_id).expanduser().is_file():
         return None
-    if path.is_dir():
-        root = path
-    elif isinstance(path_or_repo_id, str) and _REPO_ID.match(path_or_repo_id) and not path.exists():
-        root = _download(path_or_repo_id, [filename], revision)
-    else:
-        raise CheckpointError(f"no such folder: {path} (nor is it a hub repo id of the form owner/name)")
+    root = _root(path_or_repo_id, [filename], revision)
     return root / filename if (root / filename).is_file() else None
+
+
+def _root(path_or_repo_id: str | os.PathLike, allow_patterns: list[str], revision: str | None) -> Path:
+    """A local folder as it is, or a hub repo id's snapshot of the files ``allow_patterns`` match (downloaded or
+    from the cache); ``CheckpointError`` for a file or a path that is neither."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if isinstance(path_or_repo_id, str) and _REPO_ID.match(path_or_repo_id) and not path.exists():
+        return _download(path_or_repo_id, allow_patterns, revision)
+    if path.exists():
+        raise CheckpointError(f"{path} is a file, not a diffusers-layout folder")
+    raise CheckpointError(f"no such folder: {path} (nor is it a hub repo id of the form owner/name)")
 
 
 def _download(repo_id: str, allow_patterns: list[str], revision: str | None) -> Path:
